@@ -1,0 +1,201 @@
+"""A sparse image file as a backend.
+
+Owns the mapping of NBD operations onto one regular file: pread/pwrite, fdatasync for FLUSH
+and RWF_DSYNC for FUA, hole punching for TRIM and WRITE_ZEROES, SEEK_DATA/SEEK_HOLE for
+base:allocation, posix_fadvise for CACHE. Every connection to an export, in every worker
+process, writes through the same inode's page cache, so one fdatasync on any of them makes
+all completed writes durable: that is what lets the server advertise CAN_MULTI_CONN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import struct
+
+from ..nbd.constants import State
+from . import NotFast
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# statfs f_type of filesystems that live in memory: I/O on them never waits for a device.
+_MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
+_ZERO_CHUNK = bytes(1 << 20)
+MAX_EXTENTS = 4096
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def filesystem_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    f_type: int = struct.unpack_from("l", buf)[0]
+    return f_type & 0xFFFFFFFF
+
+
+def create_sparse(path: str, size: int) -> None:
+    """Create a sparse image of `size` bytes; fails if the path exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBackend:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.path = path
+        self._fd = os.open(path, flags)
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        self._size = st.st_size
+        self._readonly = readonly
+        self._memory = filesystem_type(self._fd) in _MEMORY_FILESYSTEMS
+        self._nowait_reads = not self._memory
+        self._can_punch = True
+        self._can_zero_range = True
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def inline_safe(self) -> bool:
+        return self._memory
+
+    def try_pread(self, offset: int, length: int) -> bytes | None:
+        if self._memory:
+            return self.pread(offset, length)
+        if not self._nowait_reads:
+            return None
+        buf = bytearray(length)
+        try:
+            got = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait_reads = False
+            return None
+        # A short read means part of the range is not cached: let a thread do it.
+        return bytes(buf) if got == length else None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:  # short reads only happen on signals or odd filesystems
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:  # the file shrank under us: what is missing reads as zero
+                return data + bytes(length - len(data))
+            data += more
+        return data
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
+        flags = os.RWF_DSYNC if fua else 0
+        view = memoryview(data)
+        while view:
+            n = os.pwritev(self._fd, [view], offset, flags)
+            view = view[n:]
+            offset += n
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        # TRIM is a hint: a filesystem that cannot punch holes just keeps the data.
+        if self._can_punch:
+            try:
+                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self._can_punch = False
+        if fua:
+            self.flush()
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        if may_trim and self._can_punch:
+            try:
+                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return self._after_write(fua)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                _fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return self._after_write(fua)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self._can_zero_range = False
+        if self._can_punch:
+            # NO_HOLE without ZERO_RANGE (tmpfs): punch, then allocate the range again.
+            _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            _fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
+            return self._after_write(fua)
+        if fast:
+            raise NotFast(errno.EOPNOTSUPP, "zeroing here is no faster than writing")
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.pwrite(memoryview(_ZERO_CHUNK)[:n], offset, False)
+            offset += n
+        self._after_write(fua)
+
+    def _after_write(self, fua: bool) -> None:
+        if fua:
+            self.flush()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents from offset, at least one, covering at most `length`."""
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end and len(out) < MAX_EXTENTS:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: only a hole from pos to the end
+                    raise
+                data = end
+            if data > pos:
+                stop = min(data, end)
+                out.append((stop - pos, State.HOLE | State.ZERO))
+            else:
+                stop = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+                out.append((stop - pos, State.DATA))
+            pos = stop
+        return out
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,172 @@
+"""The storage node's configuration: one frozen object, built in __main__ and passed down.
+
+Owns the command-line surface (`python -m storage_node --help`) and its defaults, so that
+`python -m storage_node` with no argument starts a working node under the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "nbd-csi-data"
+DEFAULT_NBD_PORT = 10809
+DEFAULT_EXPORT = "name=demo,size=1G"
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def parse_size(text: str) -> int:
+    """'512', '64K', '1G', '2GiB' -> bytes (binary multiples)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G/T suffix")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    name: str
+    size: int | None = None  # create DATA/images/NAME.img at this size if it does not exist
+    file: str | None = None  # or serve this existing file
+    readonly: bool = False
+    description: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ExportSpec:
+        """name=NAME[,size=SIZE][,file=PATH][,readonly][,description=TEXT]"""
+        fields: dict[str, str] = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if key in fields:
+                raise ValueError(f"export {text!r}: {key} given twice")
+            if key == "readonly" and not sep:
+                value = "true"
+            elif key not in ("name", "size", "file", "readonly", "description") or not sep:
+                raise ValueError(f"export {text!r}: unknown or empty field {part!r}")
+            fields[key] = value
+        name = fields.get("name", "")
+        if not _NAME.match(name):
+            raise ValueError(
+                f"export {text!r}: name must be 1-128 characters of letters, digits, '.', '_', '-'"
+            )
+        if "size" in fields and "file" in fields:
+            raise ValueError(f"export {text!r}: give size= or file=, not both")
+        size = parse_size(fields["size"]) if "size" in fields else None
+        if size is not None and size <= 0:
+            raise ValueError(f"export {text!r}: size must be positive")
+        readonly = fields.get("readonly", "false").lower() in ("1", "true", "yes")
+        return cls(name, size, fields.get("file"), readonly, fields.get("description", ""))
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    nbd_host: str
+    nbd_port: int
+    exports: tuple[ExportSpec, ...]
+    workers: int
+    handshake_timeout: float
+    shutdown_timeout: float
+    log_level: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "storage-node.db"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m storage_node",
+        description="nbd-csi storage node: serves volume images over NBD.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help="where images and the SQLite metadata live"
+    )
+    p.add_argument(
+        "--nbd-listen",
+        default=f"127.0.0.1:{DEFAULT_NBD_PORT}",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="NBD listening address",
+    )
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="name=NAME[,size=SIZE][,file=PATH][,readonly][,description=TEXT]; "
+        "repeatable. size= creates DATA_DIR/images/NAME.img once and keeps it; "
+        f"with no export given and an empty catalogue, {DEFAULT_EXPORT!r}",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="NBD worker processes (0: serve in the main process)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client may take to finish the NBD handshake",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight requests finish on SIGTERM",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        exports = tuple(ExportSpec.parse(e) for e in args.export)
+    except ValueError as exc:
+        p.error(str(exc))
+    names = [e.name for e in exports]
+    if len(set(names)) != len(names):
+        p.error("export names must be unique")
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
+    host, port = args.nbd_listen
+    return Config(
+        data_dir=Path(args.data_dir).absolute(),
+        nbd_host=host,
+        nbd_port=port,
+        exports=exports,
+        workers=args.workers,
+        handshake_timeout=args.handshake_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+
+
+def configure_logging(level: str, process: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s",
+    )

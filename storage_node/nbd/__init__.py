@@ -1,0 +1,1 @@
+"""NBD protocol: pure codec (constants, handshake, transmission) and the asyncio server."""

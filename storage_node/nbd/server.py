@@ -1,0 +1,417 @@
+"""The NBD server: connections, buffers, dispatch to backends, shutdown.
+
+Owns the asyncio side of NBD for one process: a `Connection` per client (an
+asyncio.BufferedProtocol reading into one preallocated buffer), the handshake timeout, the
+per-connection caps (requests in flight, buffered bytes), and the ordered shutdown
+(stop accepting, answer new requests NBD_ESHUTDOWN, finish in flight, flush, close).
+The wire format lives in handshake.py and transmission.py; bytes on disk in backends.
+
+Where I/O runs (shared/PERFORMANCE.md):
+- a backend that is `inline_safe` (memory-backed) runs every operation on the event loop;
+- otherwise reads are first tried without blocking (RWF_NOWAIT: page-cache hits run inline),
+  and everything else that arrived in one wake-up goes to a thread as one job, so a slow
+  device never stalls the loop and costs one thread hop per batch, not per request;
+- FLUSH runs in its own job so later writes keep flowing while fdatasync waits.
+Replies produced in one wake-up are written with one writelines().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import cast
+
+from ..exports import Export, ExportRegistry
+from .constants import MAX_PAYLOAD, CmdFlag, Errno
+from .errors import nbd_errno
+from .handshake import Handshake, HandshakeError, Negotiated, Phase
+from .transmission import (
+    BLOCK_STATUS,
+    CACHE,
+    DISC,
+    FLUSH,
+    READ,
+    REQUEST_SIZE,
+    TRIM,
+    WRITE,
+    WRITE_ZEROES,
+    ProtocolError,
+    Request,
+    RequestParser,
+    block_status_chunk,
+    check,
+    error_reply,
+    read_chunk_header,
+    simple_reply,
+)
+
+log = logging.getLogger("storage_node.nbd")
+
+INITIAL_BUFFER = 256 * 1024
+MAX_BUFFER = MAX_PAYLOAD + REQUEST_SIZE + 256 * 1024
+MAX_INFLIGHT = 128
+WRITE_HIGH_WATER = 16 * 1024 * 1024
+
+Replies = list[bytes | memoryview]
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.handshake: Handshake | None = None
+        self.session: Negotiated | None = None
+        self.export: Export | None = None
+        self._buf = bytearray(INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._parser = RequestParser()
+        self._inflight = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._disconnecting = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server.connections.add(self)
+        self.handshake = Handshake(
+            self.server.registry, self.peer, shutting_down=lambda: self.server.shutting_down
+        )
+        transport.write(self.handshake.greeting())
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timed_out
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._start == self._end:
+            self._start = self._end = 0
+        want = self._parser.wanted(self._view[self._start : self._end])
+        if len(self._buf) - self._end < max(want - (self._end - self._start), 4096):
+            self._make_room(want)
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        try:
+            if self.session is None:
+                self._feed_handshake()
+            if self.session is not None:
+                self._process()
+        except (HandshakeError, ProtocolError) as exc:
+            self._hard_disconnect(str(exc))
+        except Exception:
+            log.exception("%s: unexpected failure, dropping this connection", self.peer)
+            self._hard_disconnect("internal error")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -- buffer ----------------------------------------------------------------------------
+
+    def _make_room(self, want: int) -> None:
+        """Move unconsumed bytes to the front, growing the buffer if one request needs it."""
+        pending = self._end - self._start
+        size = len(self._buf)
+        if want > size:
+            size = min(max(want, size * 2), MAX_BUFFER)
+        if size != len(self._buf):
+            new = bytearray(size)
+            new[:pending] = self._view[self._start : self._end]
+            self._buf, self._view = new, memoryview(new)
+        elif self._start:
+            self._view[:pending] = self._view[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def _feed_handshake(self) -> None:
+        assert self.handshake is not None and self.transport is not None
+        data = bytes(self._view[self._start : self._end])
+        self._start = self._end = 0
+        out = self.handshake.receive(data)
+        if out:
+            self.transport.write(out)
+        if self.handshake.phase is Phase.CLOSED:
+            self.transport.close()
+        elif self.handshake.phase is Phase.TRANSMISSION:
+            assert self.handshake.result is not None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.session = self.handshake.result
+            assert isinstance(self.session.export, Export)
+            self.export = self.session.export
+            leftover = self.handshake.leftover
+            self.handshake = None
+            self._buf[: len(leftover)] = leftover
+            self._end = len(leftover)
+            log.info("%s: attached to export %r", self.peer, self.session.export.name)
+
+    def _handshake_timed_out(self) -> None:
+        self._hard_disconnect(f"handshake not finished in {self.server.handshake_timeout}s")
+
+    # -- transmission ----------------------------------------------------------------------
+
+    def _process(self) -> None:
+        requests: list[Request] = []
+        consumed = self._parser.parse(self._view[self._start : self._end], requests)
+        out: Replies = []
+        batch: list[Request] = []
+        for req in requests:
+            if self._disconnecting:
+                break  # "A client MUST NOT send anything to the server after NBD_CMD_DISC"
+            self._dispatch(req, out, batch)
+        self._start += consumed
+        if batch:
+            self._submit(batch)
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+        self._update_reading()
+        self._maybe_finish_disconnect()
+
+    def _dispatch(self, req: Request, out: Replies, batch: list[Request]) -> None:
+        assert self.session is not None and self.export is not None
+        structured = self.session.structured_replies
+        if req.type == DISC:
+            self._disconnecting = True
+            return
+        if self.server.shutting_down:
+            out.append(
+                error_reply(req.cookie, Errno.ESHUTDOWN, "server is shutting down", structured)
+            )
+            return
+        err, message = check(
+            req, self.export.size, self.export.readonly, bool(self.session.meta_contexts)
+        )
+        if err:
+            log.debug("%s: rejected request %s: %s", self.peer, req[:5], message)
+            out.append(error_reply(req.cookie, err, message, structured))
+            return
+        backend = self.export.backend
+        if backend.inline_safe:
+            out.extend(self._execute(req))
+            return
+        if req.type == READ:
+            data = backend.try_pread(req.offset, req.length)
+            if data is not None:
+                out.extend(self._read_reply(req, data))
+                return
+        elif req.type == WRITE:
+            assert req.payload is not None
+            req = req._replace(payload=memoryview(bytes(req.payload)))  # buffer gets reused
+        elif req.type == FLUSH:
+            self._submit([req])  # alone, so the writes behind it are not held up
+            return
+        batch.append(req)
+
+    def _submit(self, batch: list[Request]) -> None:
+        self._inflight += len(batch)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.server.executor, self._execute_batch, batch)
+        fut.add_done_callback(lambda f: self._batch_done(f, len(batch)))
+
+    def _execute_batch(self, batch: list[Request]) -> Replies:
+        out: Replies = []
+        for req in batch:
+            out.extend(self._execute(req))
+        return out
+
+    def _batch_done(self, fut: asyncio.Future[Replies], count: int) -> None:
+        self._inflight -= count
+        if self.transport is None:
+            return
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:  # _execute catches everything; this is a bug, not an I/O error
+            log.error("%s: batch failed: %r", self.peer, exc)
+            self._hard_disconnect("internal error")
+            return
+        self.transport.writelines(fut.result())
+        self._update_reading()
+        self._maybe_finish_disconnect()
+        self.server.request_done()
+
+    def _execute(self, req: Request) -> Replies:
+        """Run one valid request against the backend and build its reply. Any thread."""
+        assert self.export is not None and self.session is not None
+        backend = self.export.backend
+        fua = bool(req.flags & CmdFlag.FUA)
+        try:
+            typ = req.type
+            if typ == READ:
+                return self._read_reply(req, backend.pread(req.offset, req.length))
+            if typ == WRITE:
+                assert req.payload is not None
+                backend.pwrite(req.payload, req.offset, fua)
+            elif typ == FLUSH:
+                backend.flush()
+            elif typ == TRIM:
+                backend.trim(req.offset, req.length, fua)
+            elif typ == WRITE_ZEROES:
+                backend.zero(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & CmdFlag.NO_HOLE,
+                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                    fua=fua,
+                )
+            elif typ == CACHE:
+                backend.cache(req.offset, req.length)
+            elif typ == BLOCK_STATUS:
+                return self._block_status(req)
+            return [simple_reply(req.cookie)]
+        except Exception as exc:
+            err = nbd_errno(exc)
+            if err == Errno.ENOTSUP:
+                log.debug("%s: %s", self.peer, exc)
+            else:
+                log.warning(
+                    "%s: export %r: request %s failed: %r",
+                    self.peer,
+                    self.export.name,
+                    req[:5],
+                    exc,
+                )
+            return [error_reply(req.cookie, err, f"{exc}", self.session.structured_replies)]
+
+    def _read_reply(self, req: Request, data: bytes) -> Replies:
+        assert self.session is not None
+        if self.session.structured_replies:
+            return [read_chunk_header(req.cookie, req.offset, len(data)), data]
+        return [simple_reply(req.cookie), data]
+
+    def _block_status(self, req: Request) -> Replies:
+        assert self.session is not None and self.export is not None
+        extents = self.export.backend.extents(req.offset, req.length)
+        if req.flags & CmdFlag.REQ_ONE:
+            extents = extents[:1]
+        chunks: Replies = []
+        ids = list(self.session.meta_contexts)
+        for i, ctx_id in enumerate(ids):
+            chunks.append(block_status_chunk(req.cookie, ctx_id, extents, done=i == len(ids) - 1))
+        return chunks
+
+    # -- flow control and ending -------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        if self.transport is None:
+            return
+        busy = self._inflight >= MAX_INFLIGHT or self._writing_paused or self._disconnecting
+        if busy and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not busy and self._reading_paused and self._inflight <= MAX_INFLIGHT // 2:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight == 0
+
+    def _maybe_finish_disconnect(self) -> None:
+        # NBD_CMD_DISC: "The server MUST handle all outstanding requests ... and close".
+        if self._disconnecting and self._inflight == 0 and self.transport is not None:
+            self.transport.close()
+
+    def _hard_disconnect(self, reason: str) -> None:
+        if self.transport is not None:
+            log.warning("%s: closing connection: %s", self.peer, reason)
+            self.transport.abort()
+            self.transport = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class NbdServer:
+    """All NBD connections of one process, and the executor their blocking I/O runs on."""
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        executor: Executor,
+        *,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.registry = registry
+        self.executor = executor
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[Connection] = set()
+        self.shutting_down = False
+        self._idle_waiters: list[Callable[[], None]] = []
+        registry.subscribe_removed(self._export_removed)
+
+    def protocol(self) -> Connection:
+        return Connection(self)
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (the acceptor process hands them over)."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(self.protocol, sock)
+
+    def _export_removed(self, export: Export) -> None:
+        for conn in list(self.connections):
+            if conn.export is export:
+                conn._hard_disconnect(f"export {export.name!r} was removed")
+
+    def request_done(self) -> None:
+        if self._idle_waiters and all(c.idle for c in self.connections):
+            for wake in self._idle_waiters:
+                wake()
+            self._idle_waiters.clear()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """New requests get NBD_ESHUTDOWN; in-flight ones finish; exports are flushed."""
+        self.shutting_down = True
+        loop = asyncio.get_running_loop()
+        if not all(c.idle for c in self.connections):
+            done: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            self._idle_waiters.append(wake)
+            try:
+                await asyncio.wait_for(done, timeout)
+            except TimeoutError:
+                log.warning("shutdown: requests still in flight after %.0fs", timeout)
+        for export in self.registry:
+            if not export.readonly:
+                try:
+                    await loop.run_in_executor(self.executor, export.backend.flush)
+                except OSError as exc:
+                    log.error("shutdown: flushing export %r failed: %s", export.name, exc)
+        for conn in list(self.connections):
+            conn.close()
