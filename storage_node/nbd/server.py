@@ -54,6 +54,8 @@ INITIAL_BUFFER = 256 * 1024
 MAX_BUFFER = MAX_PAYLOAD + REQUEST_SIZE + 256 * 1024
 MAX_INFLIGHT = 128
 WRITE_HIGH_WATER = 16 * 1024 * 1024
+# Reply bytes one connection may have queued before we stop taking its READs.
+READ_BUDGET = 64 * 1024 * 1024
 
 Replies = list[bytes | memoryview]
 
@@ -182,8 +184,17 @@ class Connection(asyncio.BufferedProtocol):
     # -- transmission ----------------------------------------------------------------------
 
     def _process(self) -> None:
+        assert self.transport is not None
+        budget = MAX_INFLIGHT - self._inflight
+        if budget <= 0 or self._writing_paused or self._disconnecting:
+            return  # _update_reading pauses the socket; _resume() parses the rest later
         requests: list[Request] = []
-        consumed = self._parser.parse(self._view[self._start : self._end], requests)
+        consumed = self._parser.parse(
+            self._view[self._start : self._end],
+            requests,
+            max_requests=budget,
+            max_read_bytes=max(READ_BUDGET - self.transport.get_write_buffer_size(), 0),
+        )
         out: Replies = []
         batch: list[Request] = []
         for req in requests:
@@ -326,13 +337,25 @@ class Connection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self.transport is None:
             return
-        busy = self._inflight >= MAX_INFLIGHT or self._writing_paused or self._disconnecting
+        busy = (
+            self._inflight >= MAX_INFLIGHT
+            or self._writing_paused
+            or self._disconnecting
+            or self.transport.get_write_buffer_size() > READ_BUDGET
+        )
         if busy and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
         elif not busy and self._reading_paused and self._inflight <= MAX_INFLIGHT // 2:
             self._reading_paused = False
             self.transport.resume_reading()
+            if self._start < self._end and self.session is not None:
+                # Requests left in the buffer when we stopped parsing: take them now.
+                asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self.buffer_updated(0)
 
     @property
     def idle(self) -> bool:

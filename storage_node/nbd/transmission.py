@@ -41,15 +41,16 @@ READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = (int(c) for 
 
 # "Command flags": which flags each command may carry (FUA is valid on every command once
 # NBD_FLAG_SEND_FUA is advertised, which we always do).
+# Plain ints: the complement of an IntFlag keeps only the defined bits, hiding unknown ones.
 _ALLOWED_FLAGS: dict[int, int] = {
-    READ: CmdFlag.FUA,
-    WRITE: CmdFlag.FUA,
-    DISC: CmdFlag.FUA,
-    FLUSH: CmdFlag.FUA,
-    TRIM: CmdFlag.FUA,
-    CACHE: CmdFlag.FUA,
-    WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+    READ: int(CmdFlag.FUA),
+    WRITE: int(CmdFlag.FUA),
+    DISC: int(CmdFlag.FUA),
+    FLUSH: int(CmdFlag.FUA),
+    TRIM: int(CmdFlag.FUA),
+    CACHE: int(CmdFlag.FUA),
+    WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
 }
 # Commands with a data range, and the error for a range past the end ("Error values": writes
 # get ENOSPC, everything else EINVAL).
@@ -112,10 +113,19 @@ class RequestParser:
     def __init__(self) -> None:
         self._discard = 0
 
-    def parse(self, view: memoryview, out: list[Request]) -> int:
-        """Append every complete request in `view` to `out`; return the bytes consumed.
+    def parse(
+        self,
+        view: memoryview,
+        out: list[Request],
+        max_requests: int = 1 << 30,
+        max_read_bytes: int = 1 << 62,
+    ) -> int:
+        """Append complete requests in `view` to `out`; return the bytes consumed.
 
         A WRITE whose payload has not fully arrived is left unconsumed (header included).
+        Parsing stops after `max_requests`, or once the READs taken would make more than
+        `max_read_bytes` of replies (at least one request is always taken), so a stream of
+        tiny requests cannot make the server produce unbounded output in one go.
         """
         n = len(view)
         pos = 0
@@ -123,10 +133,15 @@ class RequestParser:
             pos = min(self._discard, n)
             self._discard -= pos
         unpack = REQUEST.unpack_from
-        while n - pos >= REQUEST_SIZE:
+        taken = 0
+        while n - pos >= REQUEST_SIZE and len(out) < max_requests:
             magic, flags, typ, cookie, offset, length = unpack(view, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#010x}")
+            if typ == READ:
+                taken += length
+                if taken > max_read_bytes and out:
+                    break
             if typ == WRITE:
                 if length > MAX_PAYLOAD:
                     pos += REQUEST_SIZE

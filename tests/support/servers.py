@@ -94,8 +94,15 @@ def start_storage_node(
     """Run our storage node. `exports` are `--export` specs: name=N[,size=S][,file=P][,readonly]."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "storage_node", "--data-dir", str(data_dir),
-            "--nbd-listen", f"127.0.0.1:{port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "storage_node",
+        "--data-dir",
+        str(data_dir),
+        "--nbd-listen",
+        f"127.0.0.1:{port}",
+    ]
     if workers is not None:
         argv += ["--workers", str(workers)]
     for spec in exports:
@@ -107,22 +114,53 @@ def start_storage_node(
     return handle
 
 
-def start_qemu_nbd(image: Path, export: str, *, port: int | None = None,
-                   readonly: bool = False, extra_args: Sequence[str] = ()) -> ServerHandle:
+def start_qemu_nbd(
+    image: Path,
+    export: str,
+    *,
+    port: int | None = None,
+    readonly: bool = False,
+    extra_args: Sequence[str] = (),
+) -> ServerHandle:
     port = port or free_port()
-    argv = ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", export,
-            "--persistent", "--shared=8", *extra_args]
+    argv = [
+        "qemu-nbd",
+        "-f",
+        "raw",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-x",
+        export,
+        "--persistent",
+        "--shared=8",
+        *extra_args,
+    ]
     if readonly:
         argv.append("--read-only")
     argv.append(str(image))
     return _spawn(argv, port, image.with_suffix(".qemu-nbd.log"))
 
 
-def start_nbdkit_file(image: Path, *, port: int | None = None, threads: int = 16,
-                      extra_args: Sequence[str] = ()) -> ServerHandle:
+def start_nbdkit_file(
+    image: Path, *, port: int | None = None, threads: int = 16, extra_args: Sequence[str] = ()
+) -> ServerHandle:
     port = port or free_port()
-    argv = ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-            "-t", str(threads), *extra_args, "file", str(image)]
+    argv = [
+        "nbdkit",
+        "--foreground",
+        "--exit-with-parent",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-t",
+        str(threads),
+        *extra_args,
+        "file",
+        str(image),
+    ]
     return _spawn(argv, port, image.with_suffix(".nbdkit.log"))
 
 
