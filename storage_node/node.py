@@ -8,14 +8,15 @@ its own event loop (uvloop) and opens the image files itself; they share the pag
 a FLUSH in any worker covers writes made in all of them (CAN_MULTI_CONN holds across
 processes). With --workers 0 the main process serves NBD itself.
 
-Control messages to workers are JSON, one per datagram: init, conn (with the socket's fd),
-add_export, remove_export, shutdown. A worker that dies is replaced; its clients reconnect.
+Control messages are JSON, one per datagram. To workers: init, conn (with the socket's fd),
+add_export, remove_export, shutdown. From workers: closed (a connection ended), which keeps
+the per-worker connection counts that pick the least busy worker for the next connection.
+A worker that dies is replaced; its clients reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -38,6 +39,7 @@ from .store import ImageRow, Store
 log = logging.getLogger("storage_node")
 
 CONTROL_MAX = 64 * 1024
+CLOSED_MESSAGE = b'{"op": "closed"}'
 IO_THREADS = 16
 
 
@@ -122,6 +124,7 @@ class Worker:
         child.close()
         self.sock.sendall(init)
         self.sock.setblocking(False)
+        self.connections = 0
 
     def send(self, message: bytes, fds: list[int] | None = None) -> bool:
         try:
@@ -222,10 +225,17 @@ class StorageNode:
         asyncio.get_running_loop().add_reader(worker.sock.fileno(), self._worker_readable, worker)
 
     def _worker_readable(self, worker: Worker) -> None:
-        with contextlib.suppress(BlockingIOError):
-            if worker.sock.recv(CONTROL_MAX):
-                return  # workers send nothing today; ignore
-        # EOF: the worker is gone.
+        while True:
+            try:
+                message = worker.sock.recv(CONTROL_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                break  # EOF: the worker is gone
+            if message == CLOSED_MESSAGE:
+                worker.connections = max(worker.connections - 1, 0)
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.sock.fileno())
         worker.sock.close()
@@ -253,11 +263,15 @@ class StorageNode:
             asyncio.get_running_loop().create_task(self._local.adopt(conn))
             return
         with conn:
-            for _ in range(len(self.workers)):
-                worker = self.workers[next(self._next) % len(self.workers)]
-                if worker.sock.fileno() >= 0 and worker.send(
-                    control_message("conn"), [conn.fileno()]
-                ):
+            # Least connections first; the rotating start breaks ties between equals.
+            start = next(self._next)
+            order = sorted(
+                (w for w in self.workers if w.sock.fileno() >= 0),
+                key=lambda w: (w.connections, (w.index - start) % len(self.workers)),
+            )
+            for worker in order:
+                if worker.send(control_message("conn"), [conn.fileno()]):
+                    worker.connections += 1
                     return
             log.error("no NBD worker could take a connection; closing it")
 

@@ -20,7 +20,7 @@ from typing import Any
 from .config import configure_logging
 from .exports import ExportRegistry
 from .nbd.server import NbdServer
-from .node import CONTROL_MAX, IO_THREADS, ExportDefinition, open_export
+from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS, ExportDefinition, open_export
 
 log = logging.getLogger("storage_node.worker")
 
@@ -33,7 +33,10 @@ class WorkerProcess:
         for d in init["exports"]:
             self.registry.add(open_export(ExportDefinition(**d)))
         self.server = NbdServer(
-            self.registry, self.executor, handshake_timeout=init["handshake_timeout"]
+            self.registry,
+            self.executor,
+            handshake_timeout=init["handshake_timeout"],
+            on_closed=self._closed,
         )
         self.shutdown_timeout: float = init["shutdown_timeout"]
         self.stop = asyncio.Event()
@@ -52,6 +55,11 @@ class WorkerProcess:
         for export in self.registry:
             export.backend.close()
         self.executor.shutdown()
+
+    def _closed(self) -> None:
+        # The main process counts our connections to pick the least busy worker.
+        with contextlib.suppress(OSError):
+            self.ctrl.send(CLOSED_MESSAGE)
 
     def _control(self) -> None:
         while True:

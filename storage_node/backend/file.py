@@ -113,6 +113,9 @@ class FileBackend:
             data += more
         return data
 
+    def sendfile_fd(self) -> int | None:
+        return self._fd
+
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
         flags = os.RWF_DSYNC if fua else 0
         view = memoryview(data)

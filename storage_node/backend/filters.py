@@ -36,6 +36,9 @@ class Filter:
     def pread(self, offset: int, length: int) -> bytes:
         return self.inner.pread(offset, length)
 
+    def sendfile_fd(self) -> int | None:
+        return self.inner.sendfile_fd()
+
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
         self.inner.pwrite(data, offset, fua)
 

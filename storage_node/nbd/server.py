@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import cast
+from typing import Any, cast
 
 from ..exports import Export, ExportRegistry
 from .constants import MAX_PAYLOAD, CmdFlag, Errno
@@ -51,9 +52,14 @@ from .transmission import (
 log = logging.getLogger("storage_node.nbd")
 
 INITIAL_BUFFER = 256 * 1024
-MAX_BUFFER = MAX_PAYLOAD + REQUEST_SIZE + 256 * 1024
+MAX_BUFFER = 2 * (MAX_PAYLOAD + REQUEST_SIZE)
 MAX_INFLIGHT = 128
 WRITE_HIGH_WATER = 16 * 1024 * 1024
+# READs at least this large from memory-backed images go out with os.sendfile.
+SENDFILE_MIN = 64 * 1024
+# WRITEs at least this large are received into their own buffer and written from a thread.
+DIRECT_WRITE_MIN = 256 * 1024
+PAYLOAD_POOL = 4
 # Reply bytes one connection may have queued before we stop taking its READs.
 READ_BUDGET = 64 * 1024 * 1024
 
@@ -78,6 +84,10 @@ class Connection(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._disconnecting = False
         self._timer: asyncio.TimerHandle | None = None
+        self._sock_fd = -1
+        # A large WRITE being received directly: [header, payload buffer, bytes received].
+        self._direct: list[Any] | None = None
+        self._payload_pool: list[bytearray] = []
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -90,6 +100,7 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._sock_fd = sock.fileno() if sock is not None else -1
         self.server.connections.add(self)
         self.handshake = Handshake(
             self.server.registry, self.peer, shutting_down=lambda: self.server.shutting_down
@@ -101,6 +112,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.server.on_closed is not None:
+            self.server.on_closed()
         if self._timer is not None:
             self._timer.cancel()
         self.transport = None
@@ -114,14 +127,30 @@ class Connection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            return memoryview(self._direct[1])[self._direct[2] :]
         if self._start == self._end:
             self._start = self._end = 0
+        elif self.session is not None:
+            head = self._parser.incomplete_write(
+                self._view[self._start : self._end], DIRECT_WRITE_MIN
+            )
+            if head is not None:
+                return self._begin_direct(head)
         want = self._parser.wanted(self._view[self._start : self._end])
         if len(self._buf) - self._end < max(want - (self._end - self._start), 4096):
             self._make_room(want)
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._direct is not None:
+            self._direct[2] += nbytes
+            head, payload, filled = self._direct
+            if filled < head.length:
+                return
+            self._direct = None
+            self._run([head._replace(payload=memoryview(payload))])
+            return
         self._end += nbytes
         try:
             if self.session is None:
@@ -140,11 +169,12 @@ class Connection(asyncio.BufferedProtocol):
     # -- buffer ----------------------------------------------------------------------------
 
     def _make_room(self, want: int) -> None:
-        """Move unconsumed bytes to the front, growing the buffer if one request needs it."""
+        """Move unconsumed bytes to the front; grow the buffer to hold several requests of the
+        largest size seen, so large writes are received in big reads and rarely moved."""
         pending = self._end - self._start
         size = len(self._buf)
-        if want > size:
-            size = min(max(want, size * 2), MAX_BUFFER)
+        if want * 4 > size:
+            size = min(max(want * 4, size * 2), MAX_BUFFER)
         if size != len(self._buf):
             new = bytearray(size)
             new[:pending] = self._view[self._start : self._end]
@@ -152,6 +182,21 @@ class Connection(asyncio.BufferedProtocol):
         elif self._start:
             self._view[:pending] = self._view[self._start : self._end]
         self._start, self._end = 0, pending
+
+    def _begin_direct(self, head: Request) -> memoryview:
+        """Receive a large WRITE's payload straight into a buffer of its own, which then goes
+        to an I/O thread as is: no copy, and the loop keeps receiving while it is written."""
+        pool = self._payload_pool
+        payload = next((b for b in pool if len(b) == head.length), None)
+        if payload is None:
+            payload = bytearray(head.length)
+        else:
+            pool.remove(payload)
+        got = self._end - self._start - REQUEST_SIZE
+        payload[:got] = self._view[self._start + REQUEST_SIZE : self._end]
+        self._start = self._end = 0
+        self._direct = [head, payload, got]
+        return memoryview(payload)[got:]
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -195,13 +240,17 @@ class Connection(asyncio.BufferedProtocol):
             max_requests=budget,
             max_read_bytes=max(READ_BUDGET - self.transport.get_write_buffer_size(), 0),
         )
+        self._start += consumed
+        self._run(requests)
+
+    def _run(self, requests: list[Request]) -> None:
+        """Dispatch requests; write what finished now in one go; send the rest to a thread."""
         out: Replies = []
         batch: list[Request] = []
         for req in requests:
             if self._disconnecting:
                 break  # "A client MUST NOT send anything to the server after NBD_CMD_DISC"
             self._dispatch(req, out, batch)
-        self._start += consumed
         if batch:
             self._submit(batch)
         if out and self.transport is not None:
@@ -228,7 +277,12 @@ class Connection(asyncio.BufferedProtocol):
             out.append(error_reply(req.cookie, err, message, structured))
             return
         backend = self.export.backend
+        if req.type == WRITE and self._owns(req):
+            batch.append(req)  # received into its own buffer: write it from a thread
+            return
         if backend.inline_safe:
+            if req.type == READ and req.length >= SENDFILE_MIN and self._sendfile(req, out):
+                return
             out.extend(self._execute(req))
             return
         if req.type == READ:
@@ -244,11 +298,19 @@ class Connection(asyncio.BufferedProtocol):
             return
         batch.append(req)
 
+    def _owns(self, req: Request) -> bool:
+        """True when a WRITE's payload lives in a buffer of its own (see _begin_direct)."""
+        return (
+            req.payload is not None
+            and isinstance(req.payload.obj, bytearray)
+            and (req.payload.obj is not self._buf)
+        )
+
     def _submit(self, batch: list[Request]) -> None:
         self._inflight += len(batch)
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.server.executor, self._execute_batch, batch)
-        fut.add_done_callback(lambda f: self._batch_done(f, len(batch)))
+        fut.add_done_callback(lambda f: self._batch_done(f, batch))
 
     def _execute_batch(self, batch: list[Request]) -> Replies:
         out: Replies = []
@@ -256,8 +318,12 @@ class Connection(asyncio.BufferedProtocol):
             out.extend(self._execute(req))
         return out
 
-    def _batch_done(self, fut: asyncio.Future[Replies], count: int) -> None:
-        self._inflight -= count
+    def _batch_done(self, fut: asyncio.Future[Replies], batch: list[Request]) -> None:
+        self._inflight -= len(batch)
+        for req in batch:
+            if req.type == WRITE and self._owns(req) and len(self._payload_pool) < PAYLOAD_POOL:
+                assert req.payload is not None
+                self._payload_pool.append(cast(bytearray, req.payload.obj))
         if self.transport is None:
             return
         if fut.cancelled():
@@ -314,6 +380,51 @@ class Connection(asyncio.BufferedProtocol):
                     exc,
                 )
             return [error_reply(req.cookie, err, f"{exc}", self.session.structured_replies)]
+
+    def _sendfile(self, req: Request, out: Replies) -> bool:
+        """Send a large READ from a memory-backed image with os.sendfile, with no copy through
+        Python. Only while the transport has nothing queued, so bytes stay in order; if the
+        socket fills up midway, the rest goes through the transport as ordinary data.
+        False when this path cannot be used; the caller then reads the ordinary way."""
+        assert self.transport is not None and self.export is not None
+        backend = self.export.backend
+        file_fd = backend.sendfile_fd()
+        if file_fd is None or self._sock_fd < 0:
+            return False
+        if out:
+            self.transport.writelines(out)
+            out.clear()
+        if self.transport.get_write_buffer_size():
+            return False
+        assert self.session is not None
+        if self.session.structured_replies:
+            header = read_chunk_header(req.cookie, req.offset, req.length)
+        else:
+            header = simple_reply(req.cookie)
+        try:
+            sent = os.write(self._sock_fd, header)
+        except BlockingIOError:
+            return False
+        offset, remaining = req.offset, req.length
+        try:
+            if sent < len(header):
+                out.append(header[sent:])
+            else:
+                while remaining:
+                    n = os.sendfile(self._sock_fd, file_fd, offset, remaining)
+                    if n == 0:
+                        break
+                    offset += n
+                    remaining -= n
+        except BlockingIOError:
+            pass
+        try:
+            if remaining:
+                out.append(backend.pread(offset, remaining))
+        except OSError as exc:
+            # Part of a successful reply is on the wire: only a hard disconnect is left.
+            self._hard_disconnect(f"read failed after the reply started: {exc}")
+        return True
 
     def _read_reply(self, req: Request, data: bytes) -> Replies:
         assert self.session is not None
@@ -386,8 +497,10 @@ class NbdServer:
         executor: Executor,
         *,
         handshake_timeout: float = 10.0,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_closed = on_closed  # told of every closed connection (for load balancing)
         self.executor = executor
         self.handshake_timeout = handshake_timeout
         self.connections: set[Connection] = set()

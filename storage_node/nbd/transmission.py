@@ -163,6 +163,22 @@ class RequestParser:
         return pos
 
     @staticmethod
+    def incomplete_write(view: memoryview, min_length: int) -> Request | None:
+        """The WRITE at the start of `view` if its payload (of at least `min_length` bytes, at
+        most MAX_PAYLOAD) has not fully arrived; its payload field is None."""
+        if len(view) < REQUEST_SIZE:
+            return None
+        magic, flags, typ, cookie, offset, length = REQUEST.unpack_from(view, 0)
+        if (
+            magic != REQUEST_MAGIC
+            or typ != WRITE
+            or not min_length <= length <= MAX_PAYLOAD
+            or len(view) >= REQUEST_SIZE + length
+        ):
+            return None
+        return Request(flags, typ, cookie, offset, length, None)
+
+    @staticmethod
     def wanted(view: memoryview) -> int:
         """Contiguous bytes needed to complete the request at the start of `view`."""
         if len(view) < REQUEST_SIZE:
