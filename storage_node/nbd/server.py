@@ -99,6 +99,11 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A client host that vanished must not pin its connection forever.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._sock_fd = sock.fileno() if sock is not None else -1
         self.server.connections.add(self)
@@ -111,6 +116,7 @@ class Connection(asyncio.BufferedProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        log.debug("%s: connection closed (%s)", self.peer, exc or "cleanly")
         self.server.connections.discard(self)
         if self.server.on_closed is not None:
             self.server.on_closed()
