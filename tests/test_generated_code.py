@@ -83,7 +83,7 @@ def scratch_repo(tmp_path: Path) -> Path:
     """A copy of proto/ and the generated code, plus a second proto in another package."""
     root = tmp_path / "repo"
     shutil.copytree(REPO_ROOT / "proto", root / "proto")
-    (root / "proto/storage_node/v1").mkdir(parents=True)
+    (root / "proto/storage_node/v1").mkdir(parents=True, exist_ok=True)
     (root / "proto/storage_node/v1/management.proto").write_text(SECOND_PROTO)
     assert gen_proto.write(root)  # first run creates everything
     return root
@@ -142,6 +142,9 @@ def test_every_proto_gets_its_mirrored_package(scratch_repo: Path) -> None:
         "storage_node/v1/management_pb2.py",
         "storage_node/v1/management_pb2.pyi",
         "storage_node/v1/management_pb2_grpc.py",
+        "storage_node/v1/storage_node_pb2.py",
+        "storage_node/v1/storage_node_pb2.pyi",
+        "storage_node/v1/storage_node_pb2_grpc.py",
     ]
     grpc_module = (scratch_repo / "storage_node/v1/management_pb2_grpc.py").read_text()
     assert "from storage_node.v1 import management_pb2 " in grpc_module
