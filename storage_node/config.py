@@ -10,11 +10,13 @@ import argparse
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DATA_DIR = "nbd-csi-data"
 DEFAULT_NBD_PORT = 10809
+DEFAULT_API_PORT = 10810
 DEFAULT_EXPORT = "name=demo,size=1G"
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
@@ -75,7 +77,19 @@ class Config:
     handshake_timeout: float
     shutdown_timeout: float
     log_level: str
-    extra: dict[str, str] = field(default_factory=dict)
+    api_host: str = "127.0.0.1"
+    api_port: int = 10810
+    api_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    node_id: str = "storage-node"
+    nbd_advertise: str = ""
+    topology: dict[str, str] = field(default_factory=dict)
+    overcommit_ratio: float = 1.0
+
+    @property
+    def token_path(self) -> Path:
+        return self.api_token_file or self.data_dir / "api-token"
 
     @property
     def images_dir(self) -> Path:
@@ -137,6 +151,47 @@ def parser() -> argparse.ArgumentParser:
         help="seconds to let in-flight requests finish on SIGTERM",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    api = p.add_argument_group("management API (gRPC)")
+    api.add_argument(
+        "--api-listen",
+        default=f"127.0.0.1:{DEFAULT_API_PORT}",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="management API address",
+    )
+    api.add_argument(
+        "--api-token-file",
+        type=Path,
+        default=None,
+        help="file holding the bearer token; default DATA_DIR/api-token, "
+        "created with a random token when missing",
+    )
+    api.add_argument("--tls-cert", type=Path, help="PEM certificate: serve the API over TLS")
+    api.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    api.add_argument(
+        "--node-id",
+        default=socket.gethostname(),
+        help="this storage node's id (volume ids carry it in the CSI driver)",
+    )
+    api.add_argument(
+        "--nbd-advertise",
+        default="",
+        metavar="HOST",
+        help="host that clients connect to for NBD (default: the listen host)",
+    )
+    api.add_argument(
+        "--topology",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="topology segment of this node, repeatable",
+    )
+    api.add_argument(
+        "--overcommit-ratio",
+        type=float,
+        default=1.0,
+        help="thin provisioning: volumes may promise up to this many times the filesystem's size",
+    )
     return p
 
 
@@ -153,6 +208,17 @@ def from_args(argv: list[str] | None = None) -> Config:
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     host, port = args.nbd_listen
+    api_host, api_port = args.api_listen
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.overcommit_ratio <= 0:
+        p.error("--overcommit-ratio must be positive")
+    topology = {}
+    for item in args.topology:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--topology {item!r} is not KEY=VALUE")
+        topology[key] = value
     return Config(
         data_dir=Path(args.data_dir).absolute(),
         nbd_host=host,
@@ -162,6 +228,15 @@ def from_args(argv: list[str] | None = None) -> Config:
         handshake_timeout=args.handshake_timeout,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
+        api_host=api_host,
+        api_port=api_port,
+        api_token_file=args.api_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        node_id=args.node_id,
+        nbd_advertise=args.nbd_advertise or host,
+        topology=topology,
+        overcommit_ratio=args.overcommit_ratio,
     )
 
 

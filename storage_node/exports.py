@@ -41,6 +41,12 @@ class Export:
     description: str = ""
     allowed_peers: frozenset[str] | None = None  # None: any address
     listed: bool = True
+    volume_id: str = ""  # the volume behind it, when it is an attachment of one
+
+    @property
+    def display_name(self) -> str:
+        """The name for logs: an attachment's name holds a credential, so show the volume."""
+        return f"{self.volume_id} (attachment)" if self.volume_id else self.name
 
     @property
     def size(self) -> int:
@@ -70,6 +76,12 @@ class Export:
 
     def admits(self, peer: str) -> bool:
         return self.allowed_peers is None or peer in self.allowed_peers
+
+
+def redact(name: str) -> str:
+    """An export name fit for logs: attachment names are VOLUME.CREDENTIAL."""
+    volume, sep, _ = name.partition(".")
+    return f"{volume}.<credential>" if sep else name
 
 
 class ExportRegistry:
@@ -107,7 +119,7 @@ class ExportRegistry:
         export = self._exports.get(name)
         # One answer for "no such export" and "not for you": names must not leak.
         if export is None or not export.admits(peer):
-            return Refusal(Rep.ERR_UNKNOWN, f"no export named {name!r} for {peer}")
+            return Refusal(Rep.ERR_UNKNOWN, f"no export named {redact(name)!r} for {peer}")
         return export
 
     def listing(self, peer: str) -> Sequence[tuple[str, str]]:

@@ -17,24 +17,28 @@ A worker that dies is replaced; its clients reconnect.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from .backend.file import FileBackend, create_sparse
-from .backend.filters import ReadOnly
+from . import api
+from .backend.file import create_sparse
 from .config import DEFAULT_EXPORT, Config, ExportSpec
-from .exports import Export, ExportRegistry
+from .dataplane import ControlChannel, DataPlane, ProcessState
+from .exports import ExportRegistry
 from .nbd.server import NbdServer
-from .store import ImageRow, Store
+from .store import ExportRow, Store, StoreThread
+from .volumes import NodeSettings, VolumeService
 
 log = logging.getLogger("storage_node")
 
@@ -43,55 +47,42 @@ CLOSED_MESSAGE = b'{"op": "closed"}'
 IO_THREADS = 16
 
 
-@dataclass(frozen=True)
-class ExportDefinition:
-    """Everything a process needs to open an export; sent to workers as JSON."""
-
-    name: str
-    path: str
-    readonly: bool = False
-    description: str = ""
-
-
-def open_export(d: ExportDefinition) -> Export:
-    backend = FileBackend(d.path, readonly=d.readonly)
-    return Export(d.name, ReadOnly(backend) if d.readonly else backend, d.description)
-
-
 class StartupError(Exception):
     """The node cannot start as configured; the message says why."""
 
 
-def resolve_exports(config: Config, store: Store) -> list[ExportDefinition]:
-    """Images in the catalogue, plus what --export adds; creates new images."""
+def resolve_exports(config: Config, store: Store) -> list[ExportRow]:
+    """Exports in the catalogue, plus what --export adds; creates new images."""
     config.images_dir.mkdir(parents=True, exist_ok=True)
     specs = list(config.exports)
-    if not specs and not store.images():
+    if not specs and not store.exports():
         specs = [ExportSpec.parse(DEFAULT_EXPORT)]
-    defs: dict[str, ExportDefinition] = {}
+    defs: dict[str, ExportRow] = {}
     for spec in specs:
         if spec.file is not None:
             path = os.path.abspath(spec.file)
             if not os.path.isfile(path):
                 raise StartupError(f"export {spec.name!r}: {spec.file} is not a regular file")
-            defs[spec.name] = ExportDefinition(spec.name, path, spec.readonly, spec.description)
+            defs[spec.name] = ExportRow(spec.name, path, 0, spec.readonly, spec.description)
             continue
-        row = store.image(spec.name) or _create_image(config, store, spec)
+        row = store.export(spec.name) or _create_image(config, store, spec)
         if spec.size is not None and spec.size != row.size:
             raise StartupError(
                 f"export {spec.name!r} already exists with {row.size} bytes, not {spec.size}"
             )
-        defs[spec.name] = ExportDefinition(
-            row.name, row.path, spec.readonly or row.readonly, spec.description or row.description
+        defs[spec.name] = ExportRow(
+            row.name,
+            row.path,
+            row.size,
+            spec.readonly or row.readonly,
+            spec.description or row.description,
         )
-    for row in store.images():
-        defs.setdefault(
-            row.name, ExportDefinition(row.name, row.path, row.readonly, row.description)
-        )
+    for row in store.exports():
+        defs.setdefault(row.name, row)
     return list(defs.values())
 
 
-def _create_image(config: Config, store: Store, spec: ExportSpec) -> ImageRow:
+def _create_image(config: Config, store: Store, spec: ExportSpec) -> ExportRow:
     if spec.size is None:
         raise StartupError(f"export {spec.name!r} does not exist yet: give it a size=")
     path = config.images_dir / f"{spec.name}.img"
@@ -101,14 +92,27 @@ def _create_image(config: Config, store: Store, spec: ExportSpec) -> ImageRow:
             raise StartupError(f"{path} exists with another size and is not in the catalogue")
     else:
         create_sparse(str(path), spec.size)
-    row = ImageRow(spec.name, str(path), spec.size, spec.readonly, spec.description)
-    store.add_image(row)
+    row = ExportRow(spec.name, str(path), spec.size, spec.readonly, spec.description)
+    store.add_export(row)
     log.info("created image %s (%d bytes)", path, spec.size)
     return row
 
 
 def control_message(op: str, **fields: Any) -> bytes:
     return json.dumps({"op": op, **fields}).encode()
+
+
+def load_token(path: Path) -> str:
+    """The API bearer token; a new random one is written (0600) when the file is missing."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise StartupError(f"the API token in {path} is shorter than 16 characters")
+    return token
 
 
 class Worker:
@@ -125,6 +129,8 @@ class Worker:
         self.sock.sendall(init)
         self.sock.setblocking(False)
         self.connections = 0
+        self.ready = False
+        self.channel = ControlChannel(self.send)
 
     def send(self, message: bytes, fds: list[int] | None = None) -> bool:
         try:
@@ -133,7 +139,7 @@ class Worker:
             else:
                 self.sock.send(message)
             return True
-        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
             return False
 
     def stop(self) -> None:
@@ -143,18 +149,26 @@ class Worker:
 class StorageNode:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.definitions: list[ExportDefinition] = []
         self.workers: list[Worker] = []
+        self.dataplane = DataPlane()
         self._next = itertools.count()
         self._listener: socket.socket | None = None
         self._stopping = False
-        self._local: NbdServer | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._local: ProcessState | None = None
+        self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="node-io")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.settings = NodeSettings(
+            node_id=config.node_id,
+            data_dir=config.data_dir,
+            nbd_host=config.nbd_advertise or config.nbd_host,
+            nbd_port=config.nbd_port,
+            overcommit_ratio=config.overcommit_ratio,
+            topology=dict(config.topology),
+        )
 
     def _init_message(self) -> bytes:
         return control_message(
             "init",
-            exports=[asdict(d) for d in self.definitions],
             handshake_timeout=self.config.handshake_timeout,
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
@@ -162,67 +176,89 @@ class StorageNode:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(self.config.db_path)
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.db_path)
         try:
-            self.definitions = resolve_exports(self.config, store)
-        finally:
+            exports = resolve_exports(config, store)
+        except BaseException:
             store.close()
+            raise
+        token = load_token(config.token_path)
+        self.store = StoreThread(store)
+        for e in exports:
+            await self.dataplane.add_export(
+                e.name, path=e.path, readonly=e.readonly, description=e.description
+            )
+        self.service = VolumeService(self.store, self.dataplane, self.settings, self._executor)
+        await self.service.recover()
 
         try:
-            self._listener = socket.create_server(
-                (self.config.nbd_host, self.config.nbd_port), backlog=1024
-            )
+            self._listener = socket.create_server((config.nbd_host, config.nbd_port), backlog=1024)
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {self.config.nbd_host}:{self.config.nbd_port}: {exc.strerror}"
+                f"cannot listen on {config.nbd_host}:{config.nbd_port}: {exc.strerror}"
             ) from None
         self._listener.setblocking(False)
+        tls = None
+        if config.tls_cert and config.tls_key:
+            tls = (config.tls_cert.read_bytes(), config.tls_key.read_bytes())
+        servicer = api.ManagementServicer(self.service, self.settings, version())
+        grpc_server, api_port = api.make_server(
+            servicer, token, f"{config.api_host}:{config.api_port}", tls
+        )
+        if not api_port:
+            raise StartupError(f"cannot listen on {config.api_host}:{config.api_port}")
 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        if self.config.workers == 0:
-            self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="nbd-io")
+        if config.workers == 0:
             registry = ExportRegistry()
-            for d in self.definitions:
-                registry.add(open_export(d))
-            self._local = NbdServer(
-                registry, self._executor, handshake_timeout=self.config.handshake_timeout
-            )
+            server = NbdServer(registry, self._executor, handshake_timeout=config.handshake_timeout)
+            self._local = ProcessState(server, self._executor)
+            async with self.dataplane.joining(0, self._local.apply):
+                pass
         else:
-            for i in range(self.config.workers):
-                self._start_worker(i)
+            for i in range(config.workers):
+                await self._start_worker(i)
 
+        await grpc_server.start()
         loop.add_reader(self._listener.fileno(), self._accept)
-        self._banner()
+        self._banner(api_port)
         await stop.wait()
-        await self.shutdown()
+        await self.shutdown(grpc_server)
 
-    def _banner(self) -> None:
-        host, port = self.config.nbd_host, self.config.nbd_port
+    def _banner(self, api_port: int) -> None:
+        c = self.config
         lines = [
-            f"storage node ready: NBD on {host}:{port}, data in {self.config.data_dir}, "
-            f"{max(self.config.workers, 1)} NBD process(es)"
+            f"storage node {c.node_id!r} ready: NBD on {c.nbd_host}:{c.nbd_port}, management "
+            f"API on {c.api_host}:{api_port} ({'TLS' if c.tls_cert else 'plaintext'}, token in "
+            f"{c.token_path}), data in {c.data_dir}, {max(c.workers, 1)} NBD process(es)"
         ]
-        for d in self.definitions:
-            lines.append(
-                f"  export {d.name}: nbd://{host}:{port}/{d.name}"
-                f"{' (read-only)' if d.readonly else ''}"
-            )
-        if self.definitions:
-            uri = f"nbd://{host}:{port}/{self.definitions[0].name}"
+        names = [n for n, e in self.dataplane.exports.items() if not e.get("volume_id")]
+        for name in names:
+            readonly = " (read-only)" if self.dataplane.exports[name].get("readonly") else ""
+            lines.append(f"  export {name}: nbd://{c.nbd_host}:{c.nbd_port}/{name}{readonly}")
+        if names:
+            uri = f"nbd://{c.nbd_host}:{c.nbd_port}/{names[0]}"
             lines.append(f"try: nbdinfo {uri}   or   qemu-img info {uri}")
         print("\n".join(lines), flush=True)
 
-    def _start_worker(self, index: int) -> None:
+    async def _start_worker(self, index: int) -> None:
         worker = Worker(index, self._init_message())
         if index < len(self.workers):
             self.workers[index] = worker
         else:
             self.workers.append(worker)
         asyncio.get_running_loop().add_reader(worker.sock.fileno(), self._worker_readable, worker)
+        try:
+            async with self.dataplane.joining(index, worker.channel.call):
+                worker.ready = True
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            log.error("NBD worker %d failed to start: %s", index, exc)
+            worker.proc.kill()
 
     def _worker_readable(self, worker: Worker) -> None:
         while True:
@@ -236,14 +272,29 @@ class StorageNode:
                 break  # EOF: the worker is gone
             if message == CLOSED_MESSAGE:
                 worker.connections = max(worker.connections - 1, 0)
+                continue
+            try:
+                worker.channel.replied(json.loads(message))
+            except ValueError:
+                log.error("worker %d sent a malformed message %r", worker.index, message[:200])
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.sock.fileno())
         worker.sock.close()
+        worker.ready = False
+        worker.channel.fail_all("the worker exited")
+        self.dataplane.detach(worker.index)
         code = worker.proc.wait()
         if self._stopping:
             return
         log.error("NBD worker %d exited with %s; starting a new one", worker.index, code)
-        loop.call_later(0.5, self._start_worker, worker.index)
+        task = loop.create_task(self._restart_worker(worker.index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart_worker(self, index: int) -> None:
+        await asyncio.sleep(0.5)
+        if not self._stopping:
+            await self._start_worker(index)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -260,13 +311,15 @@ class StorageNode:
     def _hand_off(self, conn: socket.socket) -> None:
         if self._local is not None:
             conn.setblocking(False)
-            asyncio.get_running_loop().create_task(self._local.adopt(conn))
+            task = asyncio.get_running_loop().create_task(self._local.server.adopt(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         with conn:
             # Least connections first; the rotating start breaks ties between equals.
             start = next(self._next)
             order = sorted(
-                (w for w in self.workers if w.sock.fileno() >= 0),
+                (w for w in self.workers if w.ready),
                 key=lambda w: (w.connections, (w.index - start) % len(self.workers)),
             )
             for worker in order:
@@ -275,7 +328,7 @@ class StorageNode:
                     return
             log.error("no NBD worker could take a connection; closing it")
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, grpc_server: Any) -> None:
         """Stop accepting, then let every worker finish in-flight requests and flush."""
         self._stopping = True
         loop = asyncio.get_running_loop()
@@ -283,8 +336,11 @@ class StorageNode:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
         log.info("shutting down")
+        await grpc_server.stop(5)
+        await self.service.close()
         if self._local is not None:
-            await self._local.shutdown(self.config.shutdown_timeout)
+            await self._local.server.shutdown(self.config.shutdown_timeout)
+            self._local.close()
         for worker in self.workers:
             worker.stop()
         deadline = self.config.shutdown_timeout + 5
@@ -294,8 +350,15 @@ class StorageNode:
             except subprocess.TimeoutExpired:
                 log.error("worker %d did not stop; killing it", worker.index)
                 worker.proc.kill()
-        if self._executor is not None:
-            self._executor.shutdown()
+        self.store.close()
+        self._executor.shutdown()
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("nbd-csi")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
 
 
 def run(config: Config) -> int:

@@ -1,39 +1,218 @@
-"""SQLite metadata of a storage node: the catalogue of images it owns.
+"""SQLite metadata of a storage node.
 
 Owns the schema (versioned migrations in MIGRATIONS, applied in order, tracked with
-PRAGMA user_version) and short transactions on it. WAL mode, one connection, used from one
-thread at a time; the event loop never calls it directly (startup runs before serving).
+PRAGMA user_version) and short transactions on it. WAL mode, synchronous=FULL, one connection.
+Every call runs on the one thread that `StoreThread` owns; the event loop never touches the
+database, and no transaction spans an await.
+
+Rows are the source of truth for what exists; files under the data directory follow them
+(see storage_node.volumes for the order of steps that keeps the two consistent across crashes).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
-    # 1: images this node created under its data directory.
+    # 1: exports created from the command line (--export name=...,size=...).
     """
-    CREATE TABLE images (
+    CREATE TABLE exports (
         name        TEXT PRIMARY KEY,
         path        TEXT NOT NULL,
         size        INTEGER NOT NULL CHECK (size > 0),
         readonly    INTEGER NOT NULL DEFAULT 0,
         description TEXT NOT NULL DEFAULT '',
         created_at  REAL NOT NULL
+    ) STRICT
+    """,
+    # 2: the management API's objects.
+    """
+    CREATE TABLE volumes (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        tenant      TEXT NOT NULL,
+        size        INTEGER NOT NULL CHECK (size > 0),
+        state       TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting', 'failed')),
+        source_kind TEXT NOT NULL DEFAULT '',
+        source_id   TEXT NOT NULL DEFAULT '',
+        qos_iops    INTEGER NOT NULL DEFAULT 0,
+        qos_bps     INTEGER NOT NULL DEFAULT 0,
+        labels      TEXT NOT NULL DEFAULT '{}',
+        created_at  REAL NOT NULL,
+        error       TEXT NOT NULL DEFAULT '',
+        path        TEXT NOT NULL
     ) STRICT;
+    CREATE INDEX volumes_by_tenant ON volumes (tenant, id);
+    CREATE TABLE snapshots (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        volume_id   TEXT NOT NULL,
+        tenant      TEXT NOT NULL,
+        size        INTEGER NOT NULL CHECK (size > 0),
+        ready       INTEGER NOT NULL DEFAULT 0,
+        deleting    INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL,
+        path        TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX snapshots_by_tenant ON snapshots (tenant, id);
+    CREATE TABLE golden_images (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        size        INTEGER NOT NULL DEFAULT 0,
+        ready       INTEGER NOT NULL DEFAULT 0,
+        deleting    INTEGER NOT NULL DEFAULT 0,
+        source_path TEXT NOT NULL,
+        format      TEXT NOT NULL,
+        error       TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL,
+        path        TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE attachments (
+        volume_id    TEXT NOT NULL REFERENCES volumes (id),
+        node_id      TEXT NOT NULL,
+        node_address TEXT NOT NULL,
+        readonly     INTEGER NOT NULL,
+        multi_node   INTEGER NOT NULL,
+        export_name  TEXT NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        PRIMARY KEY (volume_id, node_id)
+    ) STRICT;
+    CREATE TABLE tenant_limits (
+        tenant         TEXT PRIMARY KEY,
+        capacity_bytes INTEGER NOT NULL DEFAULT 0,
+        volumes        INTEGER NOT NULL DEFAULT 0,
+        snapshots      INTEGER NOT NULL DEFAULT 0,
+        qos_iops       INTEGER NOT NULL DEFAULT 0,
+        qos_bps        INTEGER NOT NULL DEFAULT 0
+    ) STRICT
     """,
 ]
 
 
 @dataclass(frozen=True)
-class ImageRow:
+class ExportRow:
     name: str
     path: str
     size: int
     readonly: bool
     description: str
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    id: str
+    name: str
+    tenant: str
+    size: int
+    state: str
+    path: str
+    source_kind: str = ""
+    source_id: str = ""
+    qos_iops: int = 0
+    qos_bps: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    id: str
+    name: str
+    volume_id: str
+    tenant: str
+    size: int
+    path: str
+    ready: bool = False
+    deleting: bool = False
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class GoldenImageRow:
+    id: str
+    name: str
+    source_path: str
+    format: str
+    path: str
+    size: int = 0
+    ready: bool = False
+    deleting: bool = False
+    error: str = ""
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttachmentRow:
+    volume_id: str
+    node_id: str
+    node_address: str
+    readonly: bool
+    multi_node: bool
+    export_name: str
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    capacity_bytes: int = 0
+    volumes: int = 0
+    snapshots: int = 0
+    qos_iops: int = 0
+    qos_bps: int = 0
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    provisioned_bytes: int = 0
+    volumes: int = 0
+    snapshots: int = 0
+
+
+_VOLUME_COLUMNS = (
+    "id, name, tenant, size, state, path, source_kind, source_id, qos_iops, qos_bps, labels, "
+    "created_at, error"
+)
+_SNAPSHOT_COLUMNS = "id, name, volume_id, tenant, size, path, ready, deleting, created_at"
+_IMAGE_COLUMNS = "id, name, source_path, format, path, size, ready, deleting, error, created_at"
+_ATTACHMENT_COLUMNS = (
+    "volume_id, node_id, node_address, readonly, multi_node, export_name, created_at"
+)
+
+
+def _volume(row: tuple[Any, ...]) -> VolumeRow:
+    values = list(row)
+    values[10] = json.loads(values[10])
+    return VolumeRow(*values)
+
+
+def _snapshot(row: tuple[Any, ...]) -> SnapshotRow:
+    v = list(row)
+    v[6], v[7] = bool(v[6]), bool(v[7])
+    return SnapshotRow(*v)
+
+
+def _image(row: tuple[Any, ...]) -> GoldenImageRow:
+    v = list(row)
+    v[6], v[7] = bool(v[6]), bool(v[7])
+    return GoldenImageRow(*v)
+
+
+def _attachment(row: tuple[Any, ...]) -> AttachmentRow:
+    v = list(row)
+    v[3], v[4] = bool(v[3]), bool(v[4])
+    return AttachmentRow(*v)
 
 
 class Store:
@@ -42,47 +221,303 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
 
     def _migrate(self) -> None:
-        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        version = self.schema_version
         if version > len(MIGRATIONS):
             raise RuntimeError(
                 f"metadata schema {version} is newer than this program ({len(MIGRATIONS)})"
             )
         for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.tx():
                 for statement in filter(str.strip, sql.split(";")):
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version={number}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One short write transaction; BEGIN IMMEDIATE so checks and writes are atomic."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     @property
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
-    def images(self) -> list[ImageRow]:
+    def close(self) -> None:
+        self.db.close()
+
+    # -- command-line exports ---------------------------------------------------------------
+
+    def exports(self) -> list[ExportRow]:
         rows = self.db.execute(
-            "SELECT name, path, size, readonly, description FROM images ORDER BY name"
+            "SELECT name, path, size, readonly, description FROM exports ORDER BY name"
         )
-        return [ImageRow(n, p, s, bool(r), d) for n, p, s, r, d in rows]
+        return [ExportRow(n, p, s, bool(r), d) for n, p, s, r, d in rows]
 
-    def image(self, name: str) -> ImageRow | None:
-        row = self.db.execute(
-            "SELECT name, path, size, readonly, description FROM images WHERE name = ?", (name,)
-        ).fetchone()
-        return ImageRow(row[0], row[1], row[2], bool(row[3]), row[4]) if row else None
+    def export(self, name: str) -> ExportRow | None:
+        return next((e for e in self.exports() if e.name == name), None)
 
-    def add_image(self, row: ImageRow) -> None:
+    def add_export(self, row: ExportRow) -> None:
         self.db.execute(
-            "INSERT INTO images (name, path, size, readonly, description, created_at) "
+            "INSERT INTO exports (name, path, size, readonly, description, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (row.name, row.path, row.size, int(row.readonly), row.description, time.time()),
         )
 
+    # -- volumes -------------------------------------------------------------------------------
+
+    def volume(self, volume_id: str) -> VolumeRow | None:
+        row = self.db.execute(
+            f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE id = ?", (volume_id,)
+        ).fetchone()
+        return _volume(row) if row else None
+
+    def volume_by_name(self, name: str) -> VolumeRow | None:
+        row = self.db.execute(
+            f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE name = ?", (name,)
+        ).fetchone()
+        return _volume(row) if row else None
+
+    def volumes(self, tenant: str = "", after: str = "", limit: int = -1) -> list[VolumeRow]:
+        query = f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE id > ?"
+        args: list[Any] = [after]
+        if tenant:
+            query += " AND tenant = ?"
+            args.append(tenant)
+        rows = self.db.execute(query + " ORDER BY id LIMIT ?", (*args, limit))
+        return [_volume(r) for r in rows]
+
+    def insert_volume(self, v: VolumeRow) -> None:
+        self.db.execute(
+            f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                v.id,
+                v.name,
+                v.tenant,
+                v.size,
+                v.state,
+                v.path,
+                v.source_kind,
+                v.source_id,
+                v.qos_iops,
+                v.qos_bps,
+                json.dumps(v.labels, sort_keys=True),
+                v.created_at,
+                v.error,
+            ),
+        )
+
+    def set_volume(self, volume_id: str, **changes: Any) -> None:
+        allowed = {"state", "error", "size", "qos_iops", "qos_bps"}
+        assert set(changes) <= allowed, changes
+        assignments = ", ".join(f"{k} = ?" for k in changes)
+        self.db.execute(
+            f"UPDATE volumes SET {assignments} WHERE id = ?", (*changes.values(), volume_id)
+        )
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self, snapshot_id: str) -> SnapshotRow | None:
+        row = self.db.execute(
+            f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?", (snapshot_id,)
+        ).fetchone()
+        return _snapshot(row) if row else None
+
+    def snapshot_by_name(self, name: str) -> SnapshotRow | None:
+        row = self.db.execute(
+            f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE name = ?", (name,)
+        ).fetchone()
+        return _snapshot(row) if row else None
+
+    def snapshots(
+        self, tenant: str = "", volume_id: str = "", after: str = "", limit: int = -1
+    ) -> list[SnapshotRow]:
+        query = f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE id > ?"
+        args: list[Any] = [after]
+        if tenant:
+            query += " AND tenant = ?"
+            args.append(tenant)
+        if volume_id:
+            query += " AND volume_id = ?"
+            args.append(volume_id)
+        rows = self.db.execute(query + " ORDER BY id LIMIT ?", (*args, limit))
+        return [_snapshot(r) for r in rows]
+
+    def insert_snapshot(self, s: SnapshotRow) -> None:
+        self.db.execute(
+            f"INSERT INTO snapshots ({_SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                s.id,
+                s.name,
+                s.volume_id,
+                s.tenant,
+                s.size,
+                s.path,
+                int(s.ready),
+                int(s.deleting),
+                s.created_at,
+            ),
+        )
+
+    def set_snapshot(self, snapshot_id: str, **changes: Any) -> None:
+        assert set(changes) <= {"ready", "deleting"}, changes
+        assignments = ", ".join(f"{k} = ?" for k in changes)
+        values = [int(v) for v in changes.values()]
+        self.db.execute(f"UPDATE snapshots SET {assignments} WHERE id = ?", (*values, snapshot_id))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    # -- golden images -------------------------------------------------------------------------
+
+    def image(self, image_id: str) -> GoldenImageRow | None:
+        row = self.db.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM golden_images WHERE id = ?", (image_id,)
+        ).fetchone()
+        return _image(row) if row else None
+
+    def image_by_name(self, name: str) -> GoldenImageRow | None:
+        row = self.db.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM golden_images WHERE name = ?", (name,)
+        ).fetchone()
+        return _image(row) if row else None
+
+    def images(self) -> list[GoldenImageRow]:
+        rows = self.db.execute(f"SELECT {_IMAGE_COLUMNS} FROM golden_images ORDER BY id")
+        return [_image(r) for r in rows]
+
+    def insert_image(self, i: GoldenImageRow) -> None:
+        self.db.execute(
+            f"INSERT INTO golden_images ({_IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                i.id,
+                i.name,
+                i.source_path,
+                i.format,
+                i.path,
+                i.size,
+                int(i.ready),
+                int(i.deleting),
+                i.error,
+                i.created_at,
+            ),
+        )
+
+    def set_image(self, image_id: str, **changes: Any) -> None:
+        assert set(changes) <= {"ready", "deleting", "size", "error"}, changes
+        assignments = ", ".join(f"{k} = ?" for k in changes)
+        values = [int(v) if isinstance(v, bool) else v for v in changes.values()]
+        self.db.execute(f"UPDATE golden_images SET {assignments} WHERE id = ?", (*values, image_id))
+
+    def delete_image(self, image_id: str) -> None:
+        self.db.execute("DELETE FROM golden_images WHERE id = ?", (image_id,))
+
+    # -- attachments ---------------------------------------------------------------------------
+
+    def attachments(self, volume_id: str = "") -> list[AttachmentRow]:
+        if volume_id:
+            rows = self.db.execute(
+                f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments WHERE volume_id = ? "
+                "ORDER BY created_at",
+                (volume_id,),
+            )
+        else:
+            rows = self.db.execute(
+                f"SELECT {_ATTACHMENT_COLUMNS} FROM attachments ORDER BY volume_id, created_at"
+            )
+        return [_attachment(r) for r in rows]
+
+    def insert_attachment(self, a: AttachmentRow) -> None:
+        self.db.execute(
+            f"INSERT INTO attachments ({_ATTACHMENT_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+            (
+                a.volume_id,
+                a.node_id,
+                a.node_address,
+                int(a.readonly),
+                int(a.multi_node),
+                a.export_name,
+                a.created_at,
+            ),
+        )
+
+    def delete_attachment(self, volume_id: str, node_id: str) -> None:
+        self.db.execute(
+            "DELETE FROM attachments WHERE volume_id = ? AND node_id = ?", (volume_id, node_id)
+        )
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    def tenant_limits(self, tenant: str) -> TenantLimits:
+        row = self.db.execute(
+            "SELECT capacity_bytes, volumes, snapshots, qos_iops, qos_bps FROM tenant_limits "
+            "WHERE tenant = ?",
+            (tenant,),
+        ).fetchone()
+        return TenantLimits(*row) if row else TenantLimits()
+
+    def set_tenant_limits(self, tenant: str, limits: TenantLimits) -> None:
+        self.db.execute(
+            "INSERT INTO tenant_limits (tenant, capacity_bytes, volumes, snapshots, qos_iops, "
+            "qos_bps) VALUES (?,?,?,?,?,?) ON CONFLICT (tenant) DO UPDATE SET "
+            "capacity_bytes = excluded.capacity_bytes, volumes = excluded.volumes, "
+            "snapshots = excluded.snapshots, qos_iops = excluded.qos_iops, "
+            "qos_bps = excluded.qos_bps",
+            (
+                tenant,
+                limits.capacity_bytes,
+                limits.volumes,
+                limits.snapshots,
+                limits.qos_iops,
+                limits.qos_bps,
+            ),
+        )
+
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        vol_bytes, vol_count = self.db.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM volumes WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        snap_bytes, snap_count = self.db.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM snapshots WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        return TenantUsage(vol_bytes + snap_bytes, vol_count, snap_count)
+
+    def tenants(self) -> list[str]:
+        rows = self.db.execute(
+            "SELECT tenant FROM volumes UNION SELECT tenant FROM snapshots "
+            "UNION SELECT tenant FROM tenant_limits ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
+    def provisioned_bytes(self) -> int:
+        total = 0
+        for table in ("volumes", "snapshots", "golden_images"):
+            total += self.db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {table}").fetchone()[0]
+        return int(total)
+
+
+class StoreThread:
+    """Runs every Store call on one dedicated thread, for code on the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+
+    async def run(self, fn: Callable[[Store], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, self.store)
+
     def close(self) -> None:
-        self.db.close()
+        self._executor.submit(self.store.close).result()
+        self._executor.shutdown()

@@ -1,8 +1,10 @@
 """An NBD worker process: serves the connections the main process hands it.
 
-Owns one event loop (uvloop), one export registry (its own open files) and one I/O thread
-pool. Reads control messages (see storage_node.node) from the socket given as argv[1];
-when that socket closes, the main process is gone and the worker shuts down gracefully.
+Owns one event loop (uvloop), one ProcessState (its own open volumes, exports and NBD server)
+and one I/O thread pool. Reads control messages (see storage_node.node and
+storage_node.dataplane) from the socket given as argv[1]: numbered data plane operations,
+each answered with {"op": "reply", "id": N, "error": ""}; connections (with their fd); and
+shutdown. When that socket closes, the main process is gone and the worker shuts down.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import configure_logging
+from .dataplane import ProcessState
 from .exports import ExportRegistry
 from .nbd.server import NbdServer
-from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS, ExportDefinition, open_export
+from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS
 
 log = logging.getLogger("storage_node.worker")
 
@@ -29,17 +32,16 @@ class WorkerProcess:
     def __init__(self, ctrl: socket.socket, init: dict[str, Any]) -> None:
         self.ctrl = ctrl
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="nbd-io")
-        self.registry = ExportRegistry()
-        for d in init["exports"]:
-            self.registry.add(open_export(ExportDefinition(**d)))
-        self.server = NbdServer(
-            self.registry,
+        server = NbdServer(
+            ExportRegistry(),
             self.executor,
             handshake_timeout=init["handshake_timeout"],
             on_closed=self._closed,
         )
+        self.state = ProcessState(server, self.executor)
         self.shutdown_timeout: float = init["shutdown_timeout"]
         self.stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -51,15 +53,17 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         await self.stop.wait()
         loop.remove_reader(self.ctrl.fileno())
-        await self.server.shutdown(self.shutdown_timeout)
-        for export in self.registry:
-            export.backend.close()
+        await self.state.server.shutdown(self.shutdown_timeout)
+        self.state.close()
         self.executor.shutdown()
+
+    def _send(self, message: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.ctrl.send(message)
 
     def _closed(self) -> None:
         # The main process counts our connections to pick the least busy worker.
-        with contextlib.suppress(OSError):
-            self.ctrl.send(CLOSED_MESSAGE)
+        self._send(CLOSED_MESSAGE)
 
     def _control(self) -> None:
         while True:
@@ -86,17 +90,25 @@ class WorkerProcess:
         if op == "conn":
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(False)
-            asyncio.get_running_loop().create_task(self.server.adopt(sock))
-        elif op == "add_export":
-            self.registry.add(open_export(ExportDefinition(**msg["export"])))
-        elif op == "remove_export":
-            export = self.registry.remove(msg["name"])
-            if export is not None:
-                export.backend.close()
+            self._track(self.state.server.adopt(sock))
         elif op == "shutdown":
             self.stop.set()
         else:
-            raise ValueError(f"unknown control op {op!r}")
+            self._track(self._apply(msg))
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, msg: dict[str, Any]) -> None:
+        error = ""
+        try:
+            await self.state.apply(msg)
+        except Exception as exc:
+            log.exception("control operation %s failed", msg.get("op"))
+            error = f"{type(exc).__name__}: {exc}"
+        self._send(json.dumps({"op": "reply", "id": msg.get("id"), "error": error}).encode())
 
 
 def main() -> None:

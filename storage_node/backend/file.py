@@ -78,6 +78,10 @@ class FileBackend:
     def size(self) -> int:
         return self._size
 
+    def refresh(self) -> None:
+        """Take the file's current size (after the volume was expanded)."""
+        self._size = os.fstat(self._fd).st_size
+
     @property
     def readonly(self) -> bool:
         return self._readonly

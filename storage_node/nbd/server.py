@@ -88,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
         # A large WRITE being received directly: [header, payload buffer, bytes received].
         self._direct: list[Any] | None = None
         self._payload_pool: list[bytearray] = []
+        self._held: list[Request] = []
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class Connection(asyncio.BufferedProtocol):
             self.handshake = None
             self._buf[: len(leftover)] = leftover
             self._end = len(leftover)
-            log.info("%s: attached to export %r", self.peer, self.session.export.name)
+            log.info("%s: connected to export %s", self.peer, self.export.display_name)
 
     def _handshake_timed_out(self) -> None:
         self._hard_disconnect(f"handshake not finished in {self.server.handshake_timeout}s")
@@ -251,6 +252,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _run(self, requests: list[Request]) -> None:
         """Dispatch requests; write what finished now in one go; send the rest to a thread."""
+        assert self.export is not None
+        if self._held or (self.export.volume_id and self.export.volume_id in self.server.held):
+            self._held.extend(requests)  # the volume is quiesced: keep them for release()
+            self._update_reading()
+            return
         out: Replies = []
         batch: list[Request] = []
         for req in requests:
@@ -379,9 +385,9 @@ class Connection(asyncio.BufferedProtocol):
                 log.debug("%s: %s", self.peer, exc)
             else:
                 log.warning(
-                    "%s: export %r: request %s failed: %r",
+                    "%s: export %s: request %s failed: %r",
                     self.peer,
-                    self.export.name,
+                    self.export.display_name,
                     req[:5],
                     exc,
                 )
@@ -455,7 +461,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.transport is None:
             return
         busy = (
-            self._inflight >= MAX_INFLIGHT
+            bool(self._held)
+            or self._inflight >= MAX_INFLIGHT
             or self._writing_paused
             or self._disconnecting
             or self.transport.get_write_buffer_size() > READ_BUDGET
@@ -477,6 +484,13 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def idle(self) -> bool:
         return self._inflight == 0
+
+    def release(self) -> None:
+        """Run the requests held while the volume was quiesced."""
+        held, self._held = self._held, []
+        if held and self.transport is not None:
+            self._run(held)
+        self._update_reading()
 
     def _maybe_finish_disconnect(self) -> None:
         # NBD_CMD_DISC: "The server MUST handle all outstanding requests ... and close".
@@ -510,6 +524,7 @@ class NbdServer:
         self.executor = executor
         self.handshake_timeout = handshake_timeout
         self.connections: set[Connection] = set()
+        self.held: set[str] = set()  # volumes whose requests wait (quiesce for a snapshot)
         self.shutting_down = False
         self._idle_waiters: list[Callable[[], None]] = []
         registry.subscribe_removed(self._export_removed)
@@ -525,7 +540,26 @@ class NbdServer:
     def _export_removed(self, export: Export) -> None:
         for conn in list(self.connections):
             if conn.export is export:
-                conn._hard_disconnect(f"export {export.name!r} was removed")
+                conn._hard_disconnect(f"export {export.display_name} was removed")
+
+    def volume_connections(self, volume_id: str) -> list[Connection]:
+        return [c for c in self.connections if c.export and c.export.volume_id == volume_id]
+
+    async def quiesce(self, volume_id: str, timeout: float = 30.0) -> None:
+        """Hold new requests to a volume and wait until those in flight are done."""
+        self.held.add(volume_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(c.idle for c in self.volume_connections(volume_id)):
+            if loop.time() > deadline:
+                self.resume(volume_id)
+                raise TimeoutError(f"volume {volume_id} still busy after {timeout}s")
+            await asyncio.sleep(0.005)
+
+    def resume(self, volume_id: str) -> None:
+        self.held.discard(volume_id)
+        for conn in self.volume_connections(volume_id):
+            conn.release()
 
     def request_done(self) -> None:
         if self._idle_waiters and all(c.idle for c in self.connections):
@@ -554,6 +588,6 @@ class NbdServer:
                 try:
                     await loop.run_in_executor(self.executor, export.backend.flush)
                 except OSError as exc:
-                    log.error("shutdown: flushing export %r failed: %s", export.name, exc)
+                    log.error("shutdown: flushing export %s failed: %s", export.display_name, exc)
         for conn in list(self.connections):
             conn.close()

@@ -1,0 +1,258 @@
+"""The data plane's control operations, on both sides of the control socket.
+
+`ProcessState` is what one NBD-serving process holds (a worker, or the main process with
+--workers 0): open volumes, the export registry, and the NBD server. It applies control
+operations, one JSON-able dict each:
+
+    add_volume    {volume_id, path}                 open the volume's image
+    remove_volume {volume_id}                       drop its exports and connections, close it
+    add_export    {name, volume_id | path, readonly, allowed_peers, listed, description}
+    remove_export {name}                            and drop its live connections at once
+    resize        {volume_id}                       take the image's new size
+    set_qos       {volume_id, tenant, iops, bps}    a volume's QoS limits (0: unlimited)
+    set_tenant_qos {tenant, iops, bps}              a tenant's ceiling over all its volumes
+    quiesce       {volume_id}                       hold new requests, finish in-flight, flush
+    resume        {volume_id}                       run the held requests
+
+`DataPlane` is the main process's side: it keeps the authoritative list of volumes and exports
+(so a replacement worker starts with all of them), sends each operation to every worker and
+waits for all of them to acknowledge it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from .backend import Backend
+from .backend.file import FileBackend
+from .backend.filters import ReadOnly
+from .exports import Export, ExportRegistry
+from .nbd.server import NbdServer
+
+log = logging.getLogger("storage_node.dataplane")
+
+Op = dict[str, Any]
+
+
+class ProcessState:
+    def __init__(self, server: NbdServer, executor: Executor) -> None:
+        self.server = server
+        self.registry: ExportRegistry = server.registry
+        self.executor = executor
+        self.volumes: dict[str, FileBackend] = {}
+        self._own_backends: dict[str, Backend] = {}  # exports with a file of their own
+        self.volume_qos: dict[str, tuple[str, int, int]] = {}  # volume -> (tenant, iops, bps)
+        self.tenant_qos: dict[str, tuple[int, int]] = {}
+
+    async def apply(self, op: Op) -> None:
+        kind = op["op"]
+        handler = getattr(self, f"_op_{kind}", None)
+        if handler is None:
+            raise ValueError(f"unknown data plane operation {kind!r}")
+        result = handler(op)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def _op_add_volume(self, op: Op) -> None:
+        if op["volume_id"] not in self.volumes:
+            self.volumes[op["volume_id"]] = FileBackend(op["path"])
+
+    def _op_remove_volume(self, op: Op) -> None:
+        vid = op["volume_id"]
+        for export in list(self.registry):
+            if export.volume_id == vid:
+                self.registry.remove(export.name)
+        backend = self.volumes.pop(vid, None)
+        if backend is not None:
+            backend.close()
+
+    def _op_add_export(self, op: Op) -> None:
+        name = op["name"]
+        if self.registry.get(name) is not None:
+            return  # idempotent: a replayed operation
+        backend: Backend
+        if op.get("volume_id"):
+            backend = self.volumes[op["volume_id"]]
+        else:
+            backend = self._own_backends[name] = FileBackend(
+                op["path"], readonly=op.get("readonly", False)
+            )
+        if op.get("readonly"):
+            backend = ReadOnly(backend)
+        peers = op.get("allowed_peers")
+        self.registry.add(
+            Export(
+                name,
+                backend,
+                description=op.get("description", ""),
+                allowed_peers=frozenset(peers) if peers is not None else None,
+                listed=op.get("listed", True),
+                volume_id=op.get("volume_id", ""),
+            )
+        )
+
+    def _op_remove_export(self, op: Op) -> None:
+        self.registry.remove(op["name"])
+        own = self._own_backends.pop(op["name"], None)
+        if own is not None:
+            own.close()
+
+    def _op_resize(self, op: Op) -> None:
+        self.volumes[op["volume_id"]].refresh()
+
+    def _op_set_qos(self, op: Op) -> None:
+        self.volume_qos[op["volume_id"]] = (op["tenant"], op["iops"], op["bps"])
+
+    def _op_set_tenant_qos(self, op: Op) -> None:
+        self.tenant_qos[op["tenant"]] = (op["iops"], op["bps"])
+
+    async def _op_quiesce(self, op: Op) -> None:
+        vid = op["volume_id"]
+        await self.server.quiesce(vid)
+        backend = self.volumes.get(vid)
+        if backend is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, backend.flush)
+
+    def _op_resume(self, op: Op) -> None:
+        self.server.resume(op["volume_id"])
+
+    def close(self) -> None:
+        for export in list(self.registry):
+            self.registry.remove(export.name)
+        for backend in [*self.volumes.values(), *self._own_backends.values()]:
+            backend.close()
+
+
+class DataPlane:
+    """Main-process side: the model of what every NBD process must hold, and broadcasting."""
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, Op] = {}
+        self.exports: dict[str, Op] = {}
+        self.qos: dict[str, Op] = {}
+        self.tenant_qos: dict[str, Op] = {}
+        self._senders: dict[int, Callable[[Op], Awaitable[None]]] = {}
+        self._lock = asyncio.Lock()
+
+    def detach(self, key: int) -> None:
+        self._senders.pop(key, None)
+
+    def initial_ops(self) -> list[Op]:
+        """What a new process must apply to be in step with the others."""
+        return [
+            *({"op": "add_volume", **v} for v in self.volumes.values()),
+            *({"op": "add_export", **e} for e in self.exports.values()),
+            *({"op": "set_qos", **q} for q in self.qos.values()),
+            *({"op": "set_tenant_qos", **q} for q in self.tenant_qos.values()),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def joining(
+        self, key: int, sender: Callable[[Op], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """Bring a new NBD process in step, then add it; no operation can slip in between."""
+        async with self._lock:
+            for op in self.initial_ops():
+                await sender(op)
+            self._senders[key] = sender
+            yield
+
+    async def _broadcast(self, op: Op) -> None:
+        results = await asyncio.gather(
+            *(send(op) for send in list(self._senders.values())), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise RuntimeError(f"data plane operation {op['op']} failed: {errors[0]}")
+
+    async def add_volume(self, volume_id: str, path: str) -> None:
+        async with self._lock:
+            self.volumes[volume_id] = {"volume_id": volume_id, "path": path}
+            await self._broadcast({"op": "add_volume", **self.volumes[volume_id]})
+
+    async def remove_volume(self, volume_id: str) -> None:
+        async with self._lock:
+            self.volumes.pop(volume_id, None)
+            self.qos.pop(volume_id, None)
+            for name in [n for n, e in self.exports.items() if e.get("volume_id") == volume_id]:
+                del self.exports[name]
+            await self._broadcast({"op": "remove_volume", "volume_id": volume_id})
+
+    async def add_export(self, name: str, **fields: Any) -> None:
+        async with self._lock:
+            self.exports[name] = {"name": name, **fields}
+            await self._broadcast({"op": "add_export", **self.exports[name]})
+
+    async def remove_export(self, name: str) -> None:
+        async with self._lock:
+            self.exports.pop(name, None)
+            await self._broadcast({"op": "remove_export", "name": name})
+
+    async def set_qos(self, volume_id: str, tenant: str, iops: int, bps: int) -> None:
+        async with self._lock:
+            self.qos[volume_id] = {
+                "volume_id": volume_id,
+                "tenant": tenant,
+                "iops": iops,
+                "bps": bps,
+            }
+            await self._broadcast({"op": "set_qos", **self.qos[volume_id]})
+
+    async def set_tenant_qos(self, tenant: str, iops: int, bps: int) -> None:
+        async with self._lock:
+            self.tenant_qos[tenant] = {"tenant": tenant, "iops": iops, "bps": bps}
+            await self._broadcast({"op": "set_tenant_qos", **self.tenant_qos[tenant]})
+
+    async def resize(self, volume_id: str) -> None:
+        async with self._lock:
+            await self._broadcast({"op": "resize", "volume_id": volume_id})
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self, volume_id: str) -> AsyncIterator[None]:
+        """Inside: no request to the volume runs anywhere, and what ran is on disk."""
+        try:
+            await self._broadcast({"op": "quiesce", "volume_id": volume_id})
+            yield
+        finally:
+            await self._broadcast({"op": "resume", "volume_id": volume_id})
+
+
+class ControlChannel:
+    """Request/reply over a worker's control socket: numbered operations, JSON replies."""
+
+    def __init__(self, send: Callable[[bytes], bool]) -> None:
+        self._send = send
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[None]] = {}
+
+    async def call(self, op: Op, timeout: float = 60.0) -> None:
+        request_id = next(self._ids)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            if not self._send(json.dumps({**op, "id": request_id}).encode()):
+                raise ConnectionError("the worker's control socket is full or closed")
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    def replied(self, message: Op) -> None:
+        future = self._pending.get(message.get("id", -1))
+        if future is None or future.done():
+            return
+        if message.get("error"):
+            future.set_exception(RuntimeError(message["error"]))
+        else:
+            future.set_result(None)
+
+    def fail_all(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(reason))

@@ -1,0 +1,798 @@
+"""The storage node's control path: volumes, snapshots, golden images, attachments, tenants.
+
+Owns the rules of every management call and the order of its steps. The order is what makes
+crashes harmless (the ceph-csi journal pattern): a row is written first (the reservation,
+checked against tenant limits and node capacity in the same transaction), then the file is
+made under a temporary name and renamed into place, then the row is marked ready. Deletion
+marks the row, removes the file, then the row. `recover()` finishes or rolls back whatever a
+crash interrupted, so after a restart every row has its file and every file its row, and a
+retried call converges on the same result.
+
+Idempotency: creates are keyed by name (same name and parameters: the same object; different
+parameters: ALREADY_EXISTS); deletes by id (already gone: OK). A second call on an object
+whose call is still running gets ABORTED. Errors are storage_node.errors types.
+
+What is instant and what copies (docs/storage-node-api.md): a new empty volume is instant; a
+snapshot, a clone and a volume from an image share blocks by reflink where the filesystem can
+(XFS, btrfs), which is instant; elsewhere they copy the allocated data. Clones from snapshots
+and images copy in a background child process at the lowest CPU and I/O priority (the volume
+is CREATING until then). A snapshot, or a clone of a live volume, copies while requests to the
+source volume are held, so the copy is one point in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import files
+from .dataplane import DataPlane
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from .store import (
+    AttachmentRow,
+    GoldenImageRow,
+    SnapshotRow,
+    Store,
+    StoreThread,
+    TenantLimits,
+    TenantUsage,
+    VolumeRow,
+)
+
+log = logging.getLogger("storage_node.volumes")
+T = TypeVar("T")
+
+BLOCK = 4096
+MAX_VOLUME_SIZE = 1 << 46  # 64 TiB
+MAX_NAME = 128
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+GONE = "its source disappeared"
+_ID = re.compile(r"^(vol|snap|img)-[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str
+    data_dir: Path
+    nbd_host: str
+    nbd_port: int
+    overcommit_ratio: float = 1.0
+    topology: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "golden-images"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total: int
+    free: int
+    provisioned: int
+    allocated: int
+    overcommit_ratio: float
+
+    @property
+    def available(self) -> int:
+        return max(int(self.total * self.overcommit_ratio) - self.provisioned, 0)
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def check_name(name: str, what: str = "name") -> None:
+    if not name or len(name) > MAX_NAME or not name.isprintable() or any(c.isspace() for c in name):
+        raise InvalidArgument(
+            f"{what} must be 1 to {MAX_NAME} printable characters without spaces, got {name!r}"
+        )
+
+
+def check_tenant(tenant: str) -> None:
+    if not _TENANT.match(tenant or ""):
+        raise InvalidArgument(
+            f"tenant must be a namespace name (letters, digits, '.', '_', '-'), got {tenant!r}"
+        )
+
+
+def check_id(value: str, prefix: str) -> None:
+    if not _ID.match(value or "") or not value.startswith(prefix + "-"):
+        raise InvalidArgument(f"{value!r} is not a {prefix} id ({prefix}-<16 hex digits>)")
+
+
+def check_size(size: int) -> None:
+    if size <= 0 or size % BLOCK or size > MAX_VOLUME_SIZE:
+        raise InvalidArgument(
+            f"size must be a positive multiple of {BLOCK} bytes up to {human(MAX_VOLUME_SIZE)}, "
+            f"got {size}"
+        )
+
+
+class InFlight:
+    """One call at a time per key; the second gets ABORTED (the CO retries)."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+
+    @contextlib.contextmanager
+    def guard(self, *keys: str) -> Iterator[None]:
+        busy = [k for k in keys if k in self._keys]
+        if busy:
+            raise Aborted(f"an operation on {busy[0]} is already in progress; retry later")
+        self._keys.update(keys)
+        try:
+            yield
+        finally:
+            self._keys.difference_update(keys)
+
+
+class VolumeService:
+    def __init__(
+        self,
+        store: StoreThread,
+        dataplane: DataPlane,
+        settings: NodeSettings,
+        executor: Executor,
+    ) -> None:
+        self.store = store
+        self.dataplane = dataplane
+        self.settings = settings
+        self.executor = executor
+        self.inflight = InFlight()
+        self._background: set[asyncio.Task[None]] = set()
+        for d in (settings.volumes_dir, settings.snapshots_dir, settings.images_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- capacity and limits ---------------------------------------------------------------
+
+    async def capacity(self) -> Capacity:
+        st = await self._io(os.statvfs, self.settings.data_dir)
+        provisioned = await self.store.run(Store.provisioned_bytes)
+        allocated = await self._io(self._allocated_total)
+        return Capacity(
+            total=st.f_blocks * st.f_frsize,
+            free=st.f_bavail * st.f_frsize,
+            provisioned=provisioned,
+            allocated=allocated,
+            overcommit_ratio=self.settings.overcommit_ratio,
+        )
+
+    def _allocated_total(self) -> int:
+        return sum(
+            files.allocated_bytes(p)
+            for d in (
+                self.settings.volumes_dir,
+                self.settings.snapshots_dir,
+                self.settings.images_dir,
+            )
+            for p in d.iterdir()
+        )
+
+    def _check_room(
+        self,
+        s: Store,
+        tenant: str,
+        add_bytes: int,
+        add_volumes: int,
+        add_snapshots: int,
+        total: int,
+    ) -> None:
+        """Inside the reserving transaction: tenant limits, then node capacity."""
+        limits = s.tenant_limits(tenant)
+        usage = s.tenant_usage(tenant)
+        if limits.capacity_bytes and usage.provisioned_bytes + add_bytes > limits.capacity_bytes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is limited to {human(limits.capacity_bytes)}: it uses "
+                f"{human(usage.provisioned_bytes)} and asked for {human(add_bytes)} more"
+            )
+        if add_volumes and limits.volumes and usage.volumes + add_volumes > limits.volumes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is limited to {limits.volumes} volumes and has "
+                f"{usage.volumes}; cannot create another"
+            )
+        if (
+            add_snapshots
+            and limits.snapshots
+            and (usage.snapshots + add_snapshots > limits.snapshots)
+        ):
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is limited to {limits.snapshots} snapshots and has "
+                f"{usage.snapshots}; cannot create another"
+            )
+        ceiling = int(total * self.settings.overcommit_ratio)
+        provisioned = s.provisioned_bytes()
+        if provisioned + add_bytes > ceiling:
+            raise ResourceExhausted(
+                f"storage node {self.settings.node_id!r} can provision {human(ceiling)} "
+                f"(overcommit {self.settings.overcommit_ratio:g}); {human(provisioned)} is "
+                f"provisioned and {human(add_bytes)} more was asked for"
+            )
+
+    async def _total_bytes(self) -> int:
+        st = await self._io(os.statvfs, self.settings.data_dir)
+        return int(st.f_blocks * st.f_frsize)
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    async def create_volume(
+        self,
+        name: str,
+        tenant: str,
+        size: int,
+        source: tuple[str, str] | None = None,
+        qos: tuple[int, int] = (0, 0),
+        labels: dict[str, str] | None = None,
+    ) -> VolumeRow:
+        check_name(name)
+        check_tenant(tenant)
+        check_size(size)
+        labels = dict(labels or {})
+        kind, source_id = source or ("", "")
+        if kind:
+            if kind not in ("snapshot", "volume", "image"):
+                raise InvalidArgument(f"unknown source kind {kind!r}")
+            check_id(source_id, {"snapshot": "snap", "volume": "vol", "image": "img"}[kind])
+        with self.inflight.guard(f"volume name {name}"):
+            existing = await self.store.run(lambda s: s.volume_by_name(name))
+            if existing is not None:
+                same = (
+                    existing.tenant,
+                    existing.size,
+                    existing.source_kind,
+                    existing.source_id,
+                ) == (tenant, size, kind, source_id)
+                if not same:
+                    raise AlreadyExists(
+                        f"volume {name!r} exists with other parameters (tenant "
+                        f"{existing.tenant!r}, {existing.size} bytes, source "
+                        f"{existing.source_kind or 'none'} {existing.source_id})"
+                    )
+                return existing
+            source_path = await self._source_path(kind, source_id, tenant, size)
+            vid = _new_id("vol")
+            row = VolumeRow(
+                id=vid,
+                name=name,
+                tenant=tenant,
+                size=size,
+                state="creating",
+                path=str(self.settings.volumes_dir / f"{vid}.img"),
+                source_kind=kind,
+                source_id=source_id,
+                qos_iops=qos[0],
+                qos_bps=qos[1],
+                labels=labels,
+                created_at=time.time(),
+            )
+            total = await self._total_bytes()
+
+            def reserve(s: Store) -> None:
+                with s.tx():
+                    if s.volume_by_name(name) is not None:
+                        raise Aborted(f"volume {name!r} is being created; retry")
+                    self._check_room(s, tenant, size, 1, 0, total)
+                    s.insert_volume(row)
+
+            await self.store.run(reserve)
+            log.info(
+                "volume %s (%s) for tenant %s: %d bytes, source %s %s",
+                vid,
+                name,
+                tenant,
+                size,
+                kind or "none",
+                source_id,
+            )
+            if kind == "volume":
+                # A live volume: hold its I/O while copying, so the copy is one point in time.
+                async with self.dataplane.quiesced(source_id):
+                    await self._io(files.clone, Path(source_path), Path(row.path), size)
+                return await self._ready(row)
+            if kind:
+                self._spawn(self._fill_in_background(row, Path(source_path)))
+                return row
+            await self._io(files.create_sparse, Path(row.path), size)
+            return await self._ready(row)
+
+    async def _source_path(self, kind: str, source_id: str, tenant: str, size: int) -> str:
+        if not kind:
+            return ""
+        if kind == "snapshot":
+            snap = await self.store.run(lambda s: s.snapshot(source_id))
+            if snap is None or snap.deleting:
+                raise NotFound(f"snapshot {source_id} does not exist")
+            if snap.tenant != tenant:
+                raise NotFound(f"snapshot {source_id} does not exist for tenant {tenant!r}")
+            if not snap.ready:
+                raise FailedPrecondition(f"snapshot {source_id} is not ready yet")
+            src_size, path = snap.size, snap.path
+        elif kind == "volume":
+            vol = await self.store.run(lambda s: s.volume(source_id))
+            if vol is None or vol.tenant != tenant:
+                raise NotFound(f"volume {source_id} does not exist for tenant {tenant!r}")
+            if vol.state != "ready":
+                raise FailedPrecondition(f"volume {source_id} is {vol.state}, not ready")
+            src_size, path = vol.size, vol.path
+        else:
+            img = await self.store.run(lambda s: s.image(source_id))
+            if img is None or img.deleting:
+                raise NotFound(f"image {source_id} does not exist")
+            if not img.ready:
+                raise FailedPrecondition(f"image {source_id} is still being imported")
+            src_size, path = img.size, img.path
+        if size < src_size:
+            raise InvalidArgument(
+                f"size {size} is smaller than the source {kind} {source_id} ({src_size} bytes)"
+            )
+        return path
+
+    async def _update_volume(self, volume_id: str, **changes: Any) -> None:
+        await self.store.run(lambda s: s.set_volume(volume_id, **changes))
+
+    async def _ready(self, row: VolumeRow) -> VolumeRow:
+        await self.dataplane.add_volume(row.id, row.path)
+        await self.store.run(lambda s: s.set_volume(row.id, state="ready"))
+        return replace(row, state="ready")
+
+    async def _fill_in_background(self, row: VolumeRow, source: Path) -> None:
+        try:
+            await self._io(files.copy_in_background, source, Path(row.path), row.size)
+            await self._ready(row)
+            log.info("volume %s filled from %s %s", row.id, row.source_kind, row.source_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("volume %s: filling from %s failed: %s", row.id, row.source_id, exc)
+            await self._update_volume(row.id, state="failed", error=str(exc))
+
+    async def get_volume(self, volume_id: str) -> VolumeRow:
+        check_id(volume_id, "vol")
+        row = await self.store.run(lambda s: s.volume(volume_id))
+        if row is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return row
+
+    async def list_volumes(
+        self, tenant: str, page_size: int, token: str
+    ) -> tuple[list[VolumeRow], str]:
+        limit = self._page(page_size)
+        if token:
+            check_id(token, "vol")
+        rows = await self.store.run(lambda s: s.volumes(tenant, token, limit + 1))
+        return rows[:limit], rows[limit - 1].id if len(rows) > limit else ""
+
+    @staticmethod
+    def _page(page_size: int) -> int:
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        return min(page_size or DEFAULT_PAGE, MAX_PAGE)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        check_id(volume_id, "vol")
+        with self.inflight.guard(volume_id):
+            row = await self.store.run(lambda s: s.volume(volume_id))
+            if row is None:
+                return  # already gone: OK (idempotent)
+            if row.state == "creating":
+                raise Aborted(f"volume {volume_id} is still being filled; retry later")
+            attached = await self.store.run(lambda s: s.attachments(volume_id))
+            if attached:
+                nodes = ", ".join(a.node_id for a in attached)
+                raise FailedPrecondition(f"volume {volume_id} is published to node(s) {nodes}")
+            await self._delete_volume_files(row)
+
+    async def _delete_volume_files(self, row: VolumeRow) -> None:
+        await self.store.run(lambda s: s.set_volume(row.id, state="deleting"))
+        await self.dataplane.remove_volume(row.id)
+        await self._io(files.remove, Path(row.path))
+        await self.store.run(lambda s: s.delete_volume(row.id))
+        log.info("volume %s (%s) deleted", row.id, row.name)
+
+    async def expand_volume(self, volume_id: str, size: int) -> VolumeRow:
+        check_id(volume_id, "vol")
+        check_size(size)
+        with self.inflight.guard(volume_id):
+            row = await self.get_volume(volume_id)
+            if row.state != "ready":
+                raise FailedPrecondition(f"volume {volume_id} is {row.state}, not ready")
+            if size < row.size:
+                raise InvalidArgument(
+                    f"volume {volume_id} has {row.size} bytes; shrinking to {size} is not supported"
+                )
+            if size == row.size:
+                return row
+            total = await self._total_bytes()
+
+            def reserve(s: Store) -> None:
+                with s.tx():
+                    self._check_room(s, row.tenant, size - row.size, 0, 0, total)
+                    s.set_volume(volume_id, size=size)
+
+            await self.store.run(reserve)
+            await self._io(os.truncate, row.path, size)
+            await self.dataplane.resize(volume_id)
+            return replace(row, size=size)
+
+    async def set_volume_qos(self, volume_id: str, iops: int, bps: int) -> VolumeRow:
+        row = await self.get_volume(volume_id)
+        await self.store.run(lambda s: s.set_volume(volume_id, qos_iops=iops, qos_bps=bps))
+        await self.dataplane.set_qos(volume_id, row.tenant, iops, bps)
+        return replace(row, qos_iops=iops, qos_bps=bps)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def create_snapshot(self, name: str, volume_id: str) -> SnapshotRow:
+        check_name(name)
+        check_id(volume_id, "vol")
+        with self.inflight.guard(f"snapshot name {name}"):
+            existing = await self.store.run(lambda s: s.snapshot_by_name(name))
+            if existing is not None:
+                if existing.volume_id != volume_id:
+                    raise AlreadyExists(
+                        f"snapshot {name!r} exists for another volume ({existing.volume_id})"
+                    )
+                if existing.ready:
+                    return existing
+            with self.inflight.guard(volume_id):
+                vol = await self.get_volume(volume_id)
+                if vol.state != "ready":
+                    raise FailedPrecondition(f"volume {volume_id} is {vol.state}, not ready")
+                if existing is None:
+                    sid = _new_id("snap")
+                    snap = SnapshotRow(
+                        id=sid,
+                        name=name,
+                        volume_id=volume_id,
+                        tenant=vol.tenant,
+                        size=vol.size,
+                        path=str(self.settings.snapshots_dir / f"{sid}.img"),
+                        created_at=time.time(),
+                    )
+                    total = await self._total_bytes()
+
+                    def reserve(s: Store) -> None:
+                        with s.tx():
+                            self._check_room(s, vol.tenant, vol.size, 0, 1, total)
+                            s.insert_snapshot(snap)
+
+                    await self.store.run(reserve)
+                else:
+                    snap = existing  # a retry after a crash or failure: finish it
+                async with self.dataplane.quiesced(volume_id):
+                    await self._io(files.clone, Path(vol.path), Path(snap.path))
+                await self.store.run(lambda s: s.set_snapshot(snap.id, ready=True))
+                log.info("snapshot %s (%s) of volume %s", snap.id, name, volume_id)
+                return replace(snap, ready=True)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRow:
+        check_id(snapshot_id, "snap")
+        row = await self.store.run(lambda s: s.snapshot(snapshot_id))
+        if row is None or row.deleting:
+            raise NotFound(f"snapshot {snapshot_id} does not exist")
+        return row
+
+    async def list_snapshots(
+        self, tenant: str, volume_id: str, page_size: int, token: str
+    ) -> tuple[list[SnapshotRow], str]:
+        limit = self._page(page_size)
+        if token:
+            check_id(token, "snap")
+        rows = await self.store.run(lambda s: s.snapshots(tenant, volume_id, token, limit + 1))
+        return rows[:limit], rows[limit - 1].id if len(rows) > limit else ""
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        check_id(snapshot_id, "snap")
+        with self.inflight.guard(snapshot_id):
+            row = await self.store.run(lambda s: s.snapshot(snapshot_id))
+            if row is None:
+                return
+            await self.store.run(lambda s: s.set_snapshot(snapshot_id, deleting=True))
+            await self._io(files.remove, Path(row.path))
+            await self.store.run(lambda s: s.delete_snapshot(snapshot_id))
+
+    # -- golden images ---------------------------------------------------------------------
+
+    async def import_image(self, name: str, source_path: str, fmt: str) -> GoldenImageRow:
+        check_name(name)
+        if fmt not in ("", "raw", "qcow2"):
+            raise InvalidArgument(f"format must be raw or qcow2, got {fmt!r}")
+        if not os.path.isabs(source_path):
+            raise InvalidArgument(f"path must be absolute, got {source_path!r}")
+        with self.inflight.guard(f"image name {name}"):
+            existing = await self.store.run(lambda s: s.image_by_name(name))
+            if existing is not None:
+                if existing.source_path != source_path:
+                    raise AlreadyExists(f"image {name!r} was imported from another file")
+                return existing
+            if not await self._io(os.path.isfile, source_path):
+                raise InvalidArgument(f"{source_path} is not a file on this storage node")
+            iid = _new_id("img")
+            row = GoldenImageRow(
+                id=iid,
+                name=name,
+                source_path=source_path,
+                format=fmt,
+                path=str(self.settings.images_dir / f"{iid}.img"),
+                created_at=time.time(),
+            )
+            await self.store.run(lambda s: s.insert_image(row))
+            self._spawn(self._convert(row))
+            return row
+
+    async def _convert(self, row: GoldenImageRow) -> None:
+        try:
+            await self._io(files.convert_image, Path(row.source_path), Path(row.path), row.format)
+            size = await self._io(files.image_size, Path(row.path))
+            await self.store.run(lambda s: s.set_image(row.id, size=size, ready=True))
+            log.info("image %s (%s) imported: %d bytes", row.id, row.name, size)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("image %s: import failed: %s", row.id, exc)
+            message = str(exc)
+            await self.store.run(lambda s: s.set_image(row.id, error=message))
+
+    async def get_image(self, image_id: str) -> GoldenImageRow:
+        check_id(image_id, "img")
+        row = await self.store.run(lambda s: s.image(image_id))
+        if row is None or row.deleting:
+            raise NotFound(f"image {image_id} does not exist")
+        return row
+
+    async def list_images(self) -> list[GoldenImageRow]:
+        return [i for i in await self.store.run(Store.images) if not i.deleting]
+
+    async def delete_image(self, image_id: str) -> None:
+        check_id(image_id, "img")
+        with self.inflight.guard(image_id):
+            row = await self.store.run(lambda s: s.image(image_id))
+            if row is None:
+                return
+            await self.store.run(lambda s: s.set_image(image_id, deleting=True))
+            await self._io(files.remove, Path(row.path))
+            await self.store.run(lambda s: s.delete_image(image_id))
+
+    # -- attachments -----------------------------------------------------------------------
+
+    async def publish(
+        self, volume_id: str, node_id: str, node_address: str, readonly: bool, multi_node: bool
+    ) -> AttachmentRow:
+        check_id(volume_id, "vol")
+        check_name(node_id, "node_id")
+        try:
+            ipaddress.ip_address(node_address)
+        except ValueError:
+            raise InvalidArgument(f"node_address {node_address!r} is not an IP address") from None
+        with self.inflight.guard(volume_id):
+            vol = await self.get_volume(volume_id)
+            if vol.state != "ready":
+                raise FailedPrecondition(f"volume {volume_id} is {vol.state}, not ready")
+            current = await self.store.run(lambda s: s.attachments(volume_id))
+            for a in current:
+                if a.node_id == node_id:
+                    if (a.node_address, a.readonly, a.multi_node) == (
+                        node_address,
+                        readonly,
+                        multi_node,
+                    ):
+                        return a
+                    raise AlreadyExists(
+                        f"volume {volume_id} is published to node {node_id} with other "
+                        f"parameters (address {a.node_address}, readonly {a.readonly})"
+                    )
+            others = [a for a in current if a.node_id != node_id]
+            if others and not (multi_node and all(a.multi_node for a in others)):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is published to node {others[0].node_id}; a second "
+                    "node is allowed only when every attachment asks for multi-node"
+                )
+            row = AttachmentRow(
+                volume_id=volume_id,
+                node_id=node_id,
+                node_address=node_address,
+                readonly=readonly,
+                multi_node=multi_node,
+                export_name=f"{volume_id}.{secrets.token_urlsafe(24)}",
+                created_at=time.time(),
+            )
+            await self.store.run(lambda s: s.insert_attachment(row))
+            await self._export_attachment(row)
+            log.info("volume %s published to node %s (%s)", volume_id, node_id, node_address)
+            return row
+
+    async def _export_attachment(self, a: AttachmentRow) -> None:
+        await self.dataplane.add_export(
+            a.export_name,
+            volume_id=a.volume_id,
+            readonly=a.readonly,
+            allowed_peers=[a.node_address],
+            listed=False,
+        )
+
+    async def unpublish(self, volume_id: str, node_id: str) -> None:
+        check_id(volume_id, "vol")
+        check_name(node_id, "node_id")
+        with self.inflight.guard(volume_id):
+            current = await self.store.run(lambda s: s.attachments(volume_id))
+            for a in current:
+                if a.node_id == node_id:
+                    # Fence first: the node's connections are gone before the row is.
+                    await self.dataplane.remove_export(a.export_name)
+                    await self.store.run(lambda s: s.delete_attachment(volume_id, node_id))
+                    log.info("volume %s unpublished from node %s", volume_id, node_id)
+
+    async def attachments(self, volume_id: str = "") -> list[AttachmentRow]:
+        if volume_id:
+            check_id(volume_id, "vol")
+        return await self.store.run(lambda s: s.attachments(volume_id))
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    async def tenant(self, name: str) -> tuple[TenantLimits, TenantUsage, int]:
+        check_tenant(name)
+
+        def read(s: Store) -> tuple[TenantLimits, TenantUsage, list[str]]:
+            paths = [v.path for v in s.volumes(name)] + [x.path for x in s.snapshots(name)]
+            return s.tenant_limits(name), s.tenant_usage(name), paths
+
+        limits, usage, paths = await self.store.run(read)
+        allocated = await self._io(lambda: sum(files.allocated_bytes(Path(p)) for p in paths))
+        return limits, usage, allocated
+
+    async def tenants(self) -> list[str]:
+        return await self.store.run(Store.tenants)
+
+    async def set_tenant_limits(self, name: str, limits: TenantLimits) -> None:
+        check_tenant(name)
+        await self.store.run(lambda s: s.set_tenant_limits(name, limits))
+        await self.dataplane.set_tenant_qos(name, limits.qos_iops, limits.qos_bps)
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish or undo what a crash interrupted, then load volumes and attachments."""
+
+        def load(
+            s: Store,
+        ) -> tuple[
+            list[VolumeRow],
+            list[SnapshotRow],
+            list[GoldenImageRow],
+            list[AttachmentRow],
+            dict[str, TenantLimits],
+        ]:
+            return (
+                s.volumes(),
+                s.snapshots(),
+                s.images(),
+                s.attachments(),
+                {t: s.tenant_limits(t) for t in s.tenants()},
+            )
+
+        volumes, snapshots, images, attachments, limits = await self.store.run(load)
+        known = {Path(v.path).name for v in volumes}
+        known |= {Path(x.path).name for x in snapshots}
+        known |= {Path(i.path).name for i in images}
+        # Files without a row: temporaries, or made before their row was written (impossible
+        # by the order of steps, but cheap to check).
+        for d in (self.settings.volumes_dir, self.settings.snapshots_dir, self.settings.images_dir):
+            for p in d.iterdir():
+                if p.name not in known:
+                    log.warning("recovery: removing %s (no row)", p)
+                    await self._io(p.unlink)
+        for snap in snapshots:
+            if snap.deleting or not snap.ready:
+                # Never acknowledged as ready, or half deleted: finish deleting it. A retried
+                # CreateSnapshot makes a new one.
+                log.warning("recovery: removing unfinished snapshot %s", snap.id)
+                await self._io(files.remove, Path(snap.path))
+                await self.store.run(functools.partial(Store.delete_snapshot, snapshot_id=snap.id))
+        for img in images:
+            if img.deleting:
+                await self._io(files.remove, Path(img.path))
+                await self.store.run(functools.partial(Store.delete_image, image_id=img.id))
+            elif not img.ready and not img.error:
+                self._spawn(self._convert(img))
+        for vol in volumes:
+            path = Path(vol.path)
+            if vol.state == "deleting":
+                log.warning("recovery: finishing the deletion of volume %s", vol.id)
+                await self._io(files.remove, path)
+                await self.store.run(functools.partial(Store.delete_volume, volume_id=vol.id))
+                continue
+            if vol.state == "creating":
+                if vol.source_kind in ("snapshot", "image"):
+                    source = await self._source_path_for_recovery(vol)
+                    if source is None:
+                        await self._update_volume(
+                            vol.id, state="failed", error="its source disappeared"
+                        )
+                    else:
+                        self._spawn(self._fill_in_background(vol, Path(source)))
+                    continue
+                if vol.source_kind == "volume":
+                    src = await self.store.run(
+                        functools.partial(Store.volume, volume_id=vol.source_id)
+                    )
+                    if src is None:
+                        await self._update_volume(
+                            vol.id, state="failed", error="its source disappeared"
+                        )
+                        continue
+                    await self._io(files.clone, Path(src.path), path, vol.size)
+                elif not path.exists():
+                    await self._io(files.create_sparse, path, vol.size)
+                await self._update_volume(vol.id, state="ready")
+            if vol.state in ("ready", "creating"):
+                if not path.exists():
+                    log.error("recovery: volume %s has no image; marking it failed", vol.id)
+                    await self._update_volume(vol.id, state="failed", error="image file missing")
+                    continue
+                if path.stat().st_size < vol.size:  # an interrupted expansion
+                    await self._io(os.truncate, path, vol.size)
+                await self.dataplane.add_volume(vol.id, vol.path)
+                if vol.qos_iops or vol.qos_bps:
+                    await self.dataplane.set_qos(vol.id, vol.tenant, vol.qos_iops, vol.qos_bps)
+        for tenant, lim in limits.items():
+            if lim.qos_iops or lim.qos_bps:
+                await self.dataplane.set_tenant_qos(tenant, lim.qos_iops, lim.qos_bps)
+        for a in attachments:
+            if a.volume_id in self.dataplane.volumes:
+                await self._export_attachment(a)
+
+    async def _source_path_for_recovery(self, vol: VolumeRow) -> str | None:
+        if vol.source_kind == "snapshot":
+            snap = await self.store.run(lambda s: s.snapshot(vol.source_id))
+            return snap.path if snap and snap.ready else None
+        img = await self.store.run(lambda s: s.image(vol.source_id))
+        return img.path if img and img.ready else None
