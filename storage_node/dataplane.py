@@ -4,13 +4,15 @@
 --workers 0): open volumes, the export registry, and the NBD server. It applies control
 operations, one JSON-able dict each:
 
-    add_volume    {volume_id, path}                 open the volume's image
+    add_volume    {volume_id, path, tenant}         open the volume's image
     remove_volume {volume_id}                       drop its exports and connections, close it
     add_export    {name, volume_id | path, readonly, allowed_peers, listed, description}
     remove_export {name}                            and drop its live connections at once
     resize        {volume_id}                       take the image's new size
-    set_qos       {volume_id, tenant, iops, bps}    a volume's QoS limits (0: unlimited)
-    set_tenant_qos {tenant, iops, bps}              a tenant's ceiling over all its volumes
+    set_qos       {volume_id, tenant, iops, bps, slot}  a volume's QoS limits (0: unlimited)
+    set_tenant_qos {tenant, iops, bps, slot}        a tenant's ceiling over all its volumes
+
+QoS slots index the shared rate-limiter file (storage_node.qos) that every process maps.
     quiesce       {volume_id}                       hold new requests, finish in-flight, flush
     resume        {volume_id}                       run the held requests
 
@@ -35,6 +37,7 @@ from .backend.file import FileBackend
 from .backend.filters import ReadOnly
 from .exports import Export, ExportRegistry
 from .nbd.server import NbdServer
+from .qos import SLOTS, Limit, SharedBuckets, VolumeQos
 
 log = logging.getLogger("storage_node.dataplane")
 
@@ -42,14 +45,17 @@ Op = dict[str, Any]
 
 
 class ProcessState:
-    def __init__(self, server: NbdServer, executor: Executor) -> None:
+    def __init__(
+        self, server: NbdServer, executor: Executor, buckets: SharedBuckets | None = None
+    ) -> None:
         self.server = server
         self.registry: ExportRegistry = server.registry
         self.executor = executor
+        self.buckets = buckets
         self.volumes: dict[str, FileBackend] = {}
         self._own_backends: dict[str, Backend] = {}  # exports with a file of their own
-        self.volume_qos: dict[str, tuple[str, int, int]] = {}  # volume -> (tenant, iops, bps)
-        self.tenant_qos: dict[str, tuple[int, int]] = {}
+        self.qos: dict[str, VolumeQos] = {}  # per volume, shared by its exports
+        self.tenant_limits: dict[str, Limit] = {}
 
     async def apply(self, op: Op) -> None:
         kind = op["op"]
@@ -61,8 +67,10 @@ class ProcessState:
             await result
 
     def _op_add_volume(self, op: Op) -> None:
-        if op["volume_id"] not in self.volumes:
-            self.volumes[op["volume_id"]] = FileBackend(op["path"])
+        vid, tenant = op["volume_id"], op.get("tenant", "")
+        if vid not in self.volumes:
+            self.volumes[vid] = FileBackend(op["path"])
+            self.qos[vid] = VolumeQos(tenant, self.buckets, None, self.tenant_limits.get(tenant))
 
     def _op_remove_volume(self, op: Op) -> None:
         vid = op["volume_id"]
@@ -70,6 +78,7 @@ class ProcessState:
             if export.volume_id == vid:
                 self.registry.remove(export.name)
         backend = self.volumes.pop(vid, None)
+        self.qos.pop(vid, None)
         if backend is not None:
             backend.close()
 
@@ -87,6 +96,7 @@ class ProcessState:
         if op.get("readonly"):
             backend = ReadOnly(backend)
         peers = op.get("allowed_peers")
+        qos = self.qos.get(op.get("volume_id", ""))
         self.registry.add(
             Export(
                 name,
@@ -95,6 +105,8 @@ class ProcessState:
                 allowed_peers=frozenset(peers) if peers is not None else None,
                 listed=op.get("listed", True),
                 volume_id=op.get("volume_id", ""),
+                tenant=qos.tenant if qos else "",
+                qos=qos,
             )
         )
 
@@ -108,10 +120,15 @@ class ProcessState:
         self.volumes[op["volume_id"]].refresh()
 
     def _op_set_qos(self, op: Op) -> None:
-        self.volume_qos[op["volume_id"]] = (op["tenant"], op["iops"], op["bps"])
+        qos = self.qos.get(op["volume_id"])
+        if qos is not None:
+            qos.volume = Limit(op["slot"], op["iops"], op["bps"])
 
     def _op_set_tenant_qos(self, op: Op) -> None:
-        self.tenant_qos[op["tenant"]] = (op["iops"], op["bps"])
+        limit = self.tenant_limits[op["tenant"]] = Limit(op["slot"], op["iops"], op["bps"])
+        for qos in self.qos.values():
+            if qos.tenant == op["tenant"]:
+                qos.tenant_limit = limit
 
     async def _op_quiesce(self, op: Op) -> None:
         vid = op["volume_id"]
@@ -138,6 +155,8 @@ class DataPlane:
         self.exports: dict[str, Op] = {}
         self.qos: dict[str, Op] = {}
         self.tenant_qos: dict[str, Op] = {}
+        self._slots: dict[str, int] = {}
+        self._free_slots = list(range(SLOTS - 1, -1, -1))
         self._senders: dict[int, Callable[[Op], Awaitable[None]]] = {}
         self._lock = asyncio.Lock()
 
@@ -172,15 +191,26 @@ class DataPlane:
         if errors:
             raise RuntimeError(f"data plane operation {op['op']} failed: {errors[0]}")
 
-    async def add_volume(self, volume_id: str, path: str) -> None:
+    def _slot(self, key: str) -> int:
+        if key not in self._slots:
+            self._slots[key] = self._free_slots.pop()
+        return self._slots[key]
+
+    def _release_slot(self, key: str) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    async def add_volume(self, volume_id: str, path: str, tenant: str = "") -> None:
         async with self._lock:
-            self.volumes[volume_id] = {"volume_id": volume_id, "path": path}
+            self.volumes[volume_id] = {"volume_id": volume_id, "path": path, "tenant": tenant}
             await self._broadcast({"op": "add_volume", **self.volumes[volume_id]})
 
     async def remove_volume(self, volume_id: str) -> None:
         async with self._lock:
             self.volumes.pop(volume_id, None)
             self.qos.pop(volume_id, None)
+            self._release_slot(f"volume {volume_id}")
             for name in [n for n, e in self.exports.items() if e.get("volume_id") == volume_id]:
                 del self.exports[name]
             await self._broadcast({"op": "remove_volume", "volume_id": volume_id})
@@ -202,12 +232,18 @@ class DataPlane:
                 "tenant": tenant,
                 "iops": iops,
                 "bps": bps,
+                "slot": self._slot(f"volume {volume_id}"),
             }
             await self._broadcast({"op": "set_qos", **self.qos[volume_id]})
 
     async def set_tenant_qos(self, tenant: str, iops: int, bps: int) -> None:
         async with self._lock:
-            self.tenant_qos[tenant] = {"tenant": tenant, "iops": iops, "bps": bps}
+            self.tenant_qos[tenant] = {
+                "tenant": tenant,
+                "iops": iops,
+                "bps": bps,
+                "slot": self._slot(f"tenant {tenant}"),
+            }
             await self._broadcast({"op": "set_tenant_qos", **self.tenant_qos[tenant]})
 
     async def resize(self, volume_id: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .backend import Backend
 from .nbd.constants import MAX_PAYLOAD, PREFERRED_BLOCK, Rep, TransmissionFlag
 from .nbd.handshake import Refusal
+from .qos import VolumeQos
 
 # Image files take any byte range, so the minimum block is 1, as for nbdkit's file plugin.
 BLOCK_SIZES = (1, PREFERRED_BLOCK, MAX_PAYLOAD)
@@ -42,6 +43,8 @@ class Export:
     allowed_peers: frozenset[str] | None = None  # None: any address
     listed: bool = True
     volume_id: str = ""  # the volume behind it, when it is an attachment of one
+    tenant: str = ""
+    qos: VolumeQos | None = None  # shared by all exports of the volume in this process
 
     @property
     def display_name(self) -> str:

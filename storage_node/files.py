@@ -100,9 +100,7 @@ def copy_in_background(src: Path, dst: Path, size: int | None = None) -> None:
     argv = [sys.executable, "-m", "storage_node.files", "copy", str(src), str(dst)]
     if size is not None:
         argv.append(str(size))
-    result = subprocess.run(
-        argv, capture_output=True, text=True, preexec_fn=_lowest_priority, check=False
-    )
+    result = subprocess.run(_lowest_priority(argv), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise OSError(f"copying {src.name} failed: {result.stderr.strip()[-500:]}")
 
@@ -114,9 +112,7 @@ def convert_image(src: Path, dst: Path, fmt: str) -> None:
     if fmt:
         argv += ["-f", fmt]
     argv += [str(src), str(tmp)]
-    result = subprocess.run(
-        argv, capture_output=True, text=True, preexec_fn=_lowest_priority, check=False
-    )
+    result = subprocess.run(_lowest_priority(argv), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(f"qemu-img convert failed: {result.stderr.strip()[-500:]}")
@@ -125,16 +121,10 @@ def convert_image(src: Path, dst: Path, fmt: str) -> None:
     _commit(tmp, dst)
 
 
-def _lowest_priority() -> None:
-    os.nice(19)
-    # ioprio_set(IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13): best effort; ignore failure.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall(251, 1, 0, 3 << 13)
-    except OSError:
-        pass
+def _lowest_priority(argv: list[str]) -> list[str]:
+    """Run argv at the lowest CPU and I/O priority. Commands, not a preexec_fn: a fork
+    handler in a process that runs gRPC threads is best avoided."""
+    return ["nice", "-n", "19", "ionice", "-c", "3", *argv]
 
 
 def remove(path: Path) -> None:

@@ -37,6 +37,7 @@ from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
 from .exports import ExportRegistry
 from .nbd.server import NbdServer
+from .qos import SharedBuckets
 from .store import ExportRow, Store, StoreThread
 from .volumes import NodeSettings, VolumeService
 
@@ -166,12 +167,17 @@ class StorageNode:
             topology=dict(config.topology),
         )
 
+    @property
+    def qos_path(self) -> Path:
+        return self.config.data_dir / "qos.shm"
+
     def _init_message(self) -> bytes:
         return control_message(
             "init",
             handshake_timeout=self.config.handshake_timeout,
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
+            qos_file=str(self.qos_path),
         )
 
     async def run(self) -> None:
@@ -185,6 +191,7 @@ class StorageNode:
             store.close()
             raise
         token = load_token(config.token_path)
+        self.buckets = SharedBuckets(self.qos_path, create=True)
         self.store = StoreThread(store)
         for e in exports:
             await self.dataplane.add_export(
@@ -217,7 +224,7 @@ class StorageNode:
         if config.workers == 0:
             registry = ExportRegistry()
             server = NbdServer(registry, self._executor, handshake_timeout=config.handshake_timeout)
-            self._local = ProcessState(server, self._executor)
+            self._local = ProcessState(server, self._executor, self.buckets)
             async with self.dataplane.joining(0, self._local.apply):
                 pass
         else:
@@ -351,6 +358,7 @@ class StorageNode:
                 log.error("worker %d did not stop; killing it", worker.index)
                 worker.proc.kill()
         self.store.close()
+        self.buckets.close()
         self._executor.shutdown()
 
 

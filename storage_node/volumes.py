@@ -380,7 +380,7 @@ class VolumeService:
         await self.store.run(lambda s: s.set_volume(volume_id, **changes))
 
     async def _ready(self, row: VolumeRow) -> VolumeRow:
-        await self.dataplane.add_volume(row.id, row.path)
+        await self.dataplane.add_volume(row.id, row.path, row.tenant)
         await self.store.run(lambda s: s.set_volume(row.id, state="ready"))
         return replace(row, state="ready")
 
@@ -780,7 +780,7 @@ class VolumeService:
                     continue
                 if path.stat().st_size < vol.size:  # an interrupted expansion
                     await self._io(os.truncate, path, vol.size)
-                await self.dataplane.add_volume(vol.id, vol.path)
+                await self.dataplane.add_volume(vol.id, vol.path, vol.tenant)
                 if vol.qos_iops or vol.qos_bps:
                     await self.dataplane.set_qos(vol.id, vol.tenant, vol.qos_iops, vol.qos_bps)
         for tenant, lim in limits.items():

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from .config import configure_logging
@@ -24,8 +26,10 @@ from .dataplane import ProcessState
 from .exports import ExportRegistry
 from .nbd.server import NbdServer
 from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS
+from .qos import SharedBuckets
 
 log = logging.getLogger("storage_node.worker")
+PR_SET_PDEATHSIG = 1
 
 
 class WorkerProcess:
@@ -38,7 +42,7 @@ class WorkerProcess:
             handshake_timeout=init["handshake_timeout"],
             on_closed=self._closed,
         )
-        self.state = ProcessState(server, self.executor)
+        self.state = ProcessState(server, self.executor, SharedBuckets(Path(init["qos_file"])))
         self.shutdown_timeout: float = init["shutdown_timeout"]
         self.stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +118,10 @@ class WorkerProcess:
 def main() -> None:
     import uvloop
 
+    # If the main process dies (even by SIGKILL), stop gracefully rather than keep serving.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # (Had it died before this line, the control socket is closed and we stop on its EOF.)
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     ctrl.setblocking(True)
     init = json.loads(ctrl.recv(CONTROL_MAX))

@@ -8,12 +8,13 @@ files), and the test command installs all of them, so a skip there would hide a 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     outcome = yield
     report = outcome.get_result()
     if (

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_silent_client_is_dropped_at_the_handshake_timeout(node):
 def test_errors_keep_the_stream_in_frame(node, structured):
     c = RawClient(node.port).connect("disk", structured=structured)
     size = c.size
-    cases = [
+    cases: list[tuple[dict[str, Any], int]] = [
         (dict(typ=READ, offset=size - 512, length=1024), EINVAL),
         (dict(typ=WRITE, offset=size - 512, length=1024, payload=b"x" * 1024), ENOSPC),
         (dict(typ=ZERO, offset=size, length=512), ENOSPC),
@@ -184,6 +185,7 @@ def test_fast_zero_and_block_status(node):
     assert c.call(ZERO, 3, 16 * 1024, 16 * 1024, flags=NO_HOLE | FUA).error == 0
     assert c.call(READ, 4, 0, 64 * 1024).data == bytes(32 * 1024) + b"\x11" * 32 * 1024
     status = c.call(STATUS, 5, 0, 1 * MiB)
+    assert status.chunks is not None
     (ctx,) = struct.unpack(">I", status.chunks[0][1][:4])
     body = status.chunks[0][1][4:]
     extents = [struct.unpack(">II", body[i : i + 8]) for i in range(0, len(body), 8)]
@@ -192,6 +194,7 @@ def test_fast_zero_and_block_status(node):
     assert sum(length for length, _ in extents) == 1 * MiB
     assert sum(n for n, flags in extents if flags == 0) >= 16 * 1024, "the written data"
     one = c.call(STATUS, 6, 0, 8192, flags=8)  # REQ_ONE
+    assert one.chunks is not None
     assert len(one.chunks[0][1]) == 4 + 8
 
 

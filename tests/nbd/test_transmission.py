@@ -45,7 +45,7 @@ def test_parses_pipelined_requests_and_write_payloads():
         (WRITE, 2, 512, 3),
         (FLUSH, 3, 0, 0),
     ]
-    assert bytes(reqs[1].payload) == b"abc"
+    assert reqs[1].payload is not None and bytes(reqs[1].payload) == b"abc"
     assert consumed == len(stream) - 30  # the incomplete WRITE stays, header and all
 
 
