@@ -17,6 +17,7 @@ from pathlib import Path
 DEFAULT_DATA_DIR = "nbd-csi-data"
 DEFAULT_NBD_PORT = 10809
 DEFAULT_API_PORT = 10810
+DEFAULT_METRICS_PORT = 10811
 DEFAULT_EXPORT = "name=demo,size=1G"
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
@@ -86,6 +87,8 @@ class Config:
     nbd_advertise: str = ""
     topology: dict[str, str] = field(default_factory=dict)
     overcommit_ratio: float = 1.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     @property
     def token_path(self) -> Path:
@@ -192,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         help="thin provisioning: volumes may promise up to this many times the filesystem's size",
     )
+    p.add_argument_group("metrics (Prometheus, docs/metrics.md)").add_argument(
+        "--metrics-listen",
+        default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics",
+    )
     return p
 
 
@@ -209,6 +219,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         p.error("--workers must be 0 or more")
     host, port = args.nbd_listen
     api_host, api_port = args.api_listen
+    metrics_host, metrics_port = args.metrics_listen
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if args.overcommit_ratio <= 0:
@@ -237,6 +248,8 @@ def from_args(argv: list[str] | None = None) -> Config:
         nbd_advertise=args.nbd_advertise or host,
         topology=topology,
         overcommit_ratio=args.overcommit_ratio,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from .backend import Backend
 from .backend.file import FileBackend
-from .backend.filters import ReadOnly
+from .backend.filters import ReadOnly, Stats
 from .exports import Export, ExportRegistry
 from .nbd.server import NbdServer
 from .qos import SLOTS, Limit, SharedBuckets, VolumeQos
@@ -53,6 +53,7 @@ class ProcessState:
         self.executor = executor
         self.buckets = buckets
         self.volumes: dict[str, FileBackend] = {}
+        self.stats: dict[str, Stats] = {}  # per volume, shared by its exports (metrics)
         self._own_backends: dict[str, Backend] = {}  # exports with a file of their own
         self.qos: dict[str, VolumeQos] = {}  # per volume, shared by its exports
         self.tenant_limits: dict[str, Limit] = {}
@@ -70,6 +71,7 @@ class ProcessState:
         vid, tenant = op["volume_id"], op.get("tenant", "")
         if vid not in self.volumes:
             self.volumes[vid] = FileBackend(op["path"])
+            self.stats[vid] = Stats(self.volumes[vid])
             self.qos[vid] = VolumeQos(tenant, self.buckets, None, self.tenant_limits.get(tenant))
 
     def _op_remove_volume(self, op: Op) -> None:
@@ -78,6 +80,7 @@ class ProcessState:
             if export.volume_id == vid:
                 self.registry.remove(export.name)
         backend = self.volumes.pop(vid, None)
+        self.stats.pop(vid, None)
         self.qos.pop(vid, None)
         if backend is not None:
             backend.close()
@@ -88,7 +91,7 @@ class ProcessState:
             return  # idempotent: a replayed operation
         backend: Backend
         if op.get("volume_id"):
-            backend = self.volumes[op["volume_id"]]
+            backend = self.stats[op["volume_id"]]
         else:
             backend = self._own_backends[name] = FileBackend(
                 op["path"], readonly=op.get("readonly", False)

@@ -86,11 +86,16 @@ def sparse_copy(src: Path, dst: Path) -> None:
 def clone(src: Path, dst: Path, size: int | None = None) -> bool:
     """Make dst a point-in-time copy of src (grown to `size`). True if it was a reflink."""
     tmp = dst.with_name(dst.name + TMP_SUFFIX)
-    shared = try_reflink(src, tmp)
-    if not shared:
-        sparse_copy(src, tmp)
-    if size is not None and size > os.stat(tmp).st_size:
-        os.truncate(tmp, size)
+    try:
+        shared = try_reflink(src, tmp)
+        if not shared:
+            sparse_copy(src, tmp)
+        if size is not None and size > os.stat(tmp).st_size:
+            os.truncate(tmp, size)
+    except BaseException:
+        # A failed copy (ENOSPC, say) leaves no temporary behind to hold the space.
+        tmp.unlink(missing_ok=True)
+        raise
     _commit(tmp, dst)
     return shared
 
@@ -146,7 +151,13 @@ def image_size(path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "copy":
-        clone(Path(argv[1]), Path(argv[2]), int(argv[3]) if len(argv) > 3 else None)
+        try:
+            clone(Path(argv[1]), Path(argv[2]), int(argv[3]) if len(argv) > 3 else None)
+        except OSError as exc:
+            # One line for the volume's error field: no traceback, no directory names.
+            name = Path(exc.filename).name if exc.filename else ""
+            print(f"{exc.strerror or exc}{f': {name}' if name else ''}", file=sys.stderr)
+            return 1
         return 0
     print("usage: python -m storage_node.files copy SRC DST [SIZE]", file=sys.stderr)
     return 2

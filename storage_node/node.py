@@ -10,7 +10,8 @@ processes). With --workers 0 the main process serves NBD itself.
 
 Control messages are JSON, one per datagram. To workers: init, conn (with the socket's fd),
 add_export, remove_export, shutdown. From workers: closed (a connection ended), which keeps
-the per-worker connection counts that pick the least busy worker for the next connection.
+the per-worker connection counts that pick the least busy worker for the next connection;
+stats (volume counters for the metrics, storage_node.metrics).
 A worker that dies is replaced; its clients reconnect.
 """
 
@@ -31,11 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
+
 from . import api
 from .backend.file import create_sparse
 from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
 from .exports import ExportRegistry
+from .metrics import REFRESH_INTERVAL, STATS_INTERVAL, NodeMetrics, StatsReporter
 from .nbd.server import NbdServer
 from .qos import SharedBuckets
 from .store import ExportRow, Store, StoreThread
@@ -148,8 +152,10 @@ class Worker:
 
 
 class StorageNode:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
+        self.metrics = NodeMetrics(registry or CollectorRegistry())
+        self._metrics_task: asyncio.Task[None] | None = None
         self.workers: list[Worker] = []
         self.dataplane = DataPlane()
         self._next = itertools.count()
@@ -233,16 +239,19 @@ class StorageNode:
 
         await grpc_server.start()
         loop.add_reader(self._listener.fileno(), self._accept)
-        self._banner(api_port)
+        metrics_port = await self._start_metrics()
+        self._banner(api_port, metrics_port)
         await stop.wait()
         await self.shutdown(grpc_server)
 
-    def _banner(self, api_port: int) -> None:
+    def _banner(self, api_port: int, metrics_port: int | None) -> None:
         c = self.config
+        metrics = f"http://{c.metrics_host}:{metrics_port}/metrics" if metrics_port else "none"
         lines = [
             f"storage node {c.node_id!r} ready: NBD on {c.nbd_host}:{c.nbd_port}, management "
             f"API on {c.api_host}:{api_port} ({'TLS' if c.tls_cert else 'plaintext'}, token in "
-            f"{c.token_path}), data in {c.data_dir}, {max(c.workers, 1)} NBD process(es)"
+            f"{c.token_path}), metrics {metrics}, data in {c.data_dir}, "
+            f"{max(c.workers, 1)} NBD process(es)"
         ]
         names = [n for n, e in self.dataplane.exports.items() if not e.get("volume_id")]
         for name in names:
@@ -252,6 +261,42 @@ class StorageNode:
             uri = f"nbd://{c.nbd_host}:{c.nbd_port}/{names[0]}"
             lines.append(f"try: nbdinfo {uri}   or   qemu-img info {uri}")
         print("\n".join(lines), flush=True)
+
+    async def _start_metrics(self) -> int | None:
+        """Read the numbers once, then serve them; a port already taken costs the metrics,
+        not the volumes (the error is logged and Prometheus sees the target down)."""
+        await self.metrics.refresh(self.service, self._connections(), version())
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
+        c = self.config
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self.metrics.serve, c.metrics_host, c.metrics_port
+            )
+        except OSError as exc:
+            log.error("no metrics: cannot listen on %s:%d: %s", c.metrics_host, c.metrics_port, exc)
+            return None
+
+    async def _metrics_loop(self) -> None:
+        """Keep the metrics' control-plane snapshot fresh; with --workers 0, also take this
+        process's own volume counters (workers send theirs in "stats" messages)."""
+        reporter = StatsReporter(self._local.stats) if self._local is not None else None
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + REFRESH_INTERVAL
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            try:
+                if reporter is not None:
+                    self.metrics.stats.update(0, reporter.changed())
+                if loop.time() >= next_refresh:
+                    next_refresh = loop.time() + REFRESH_INTERVAL
+                    await self.metrics.refresh(self.service, self._connections(), version())
+            except Exception:
+                log.exception("updating the metrics failed")
+
+    def _connections(self) -> dict[str, int]:
+        if self._local is not None:
+            return {"0": len(self._local.server.connections)}
+        return {str(w.index): w.connections for w in self.workers}
 
     async def _start_worker(self, index: int) -> None:
         worker = Worker(index, self._init_message())
@@ -281,8 +326,12 @@ class StorageNode:
                 worker.connections = max(worker.connections - 1, 0)
                 continue
             try:
-                worker.channel.replied(json.loads(message))
-            except ValueError:
+                reply = json.loads(message)
+                if reply.get("op") == "stats":
+                    self.metrics.stats.update(worker.index, reply.get("volumes", {}))
+                else:
+                    worker.channel.replied(reply)
+            except (ValueError, AttributeError):
                 log.error("worker %d sent a malformed message %r", worker.index, message[:200])
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.sock.fileno())
@@ -290,6 +339,7 @@ class StorageNode:
         worker.ready = False
         worker.channel.fail_all("the worker exited")
         self.dataplane.detach(worker.index)
+        self.metrics.stats.worker_gone(worker.index)
         code = worker.proc.wait()
         if self._stopping:
             return
@@ -343,6 +393,9 @@ class StorageNode:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
         log.info("shutting down")
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+        await loop.run_in_executor(None, self.metrics.stop)
         await grpc_server.stop(5)
         await self.service.close()
         if self._local is not None:

@@ -323,6 +323,21 @@ class Store:
             f"UPDATE volumes SET {assignments} WHERE id = ?", (*changes.values(), volume_id)
         )
 
+    def volumes_filling_from(self, kind: str, source_id: str) -> list[str]:
+        """Ids of volumes still being filled (state creating) from this source."""
+        rows = self.db.execute(
+            "SELECT id FROM volumes WHERE state = 'creating' AND source_kind = ? "
+            "AND source_id = ? ORDER BY id",
+            (kind, source_id),
+        )
+        return [r[0] for r in rows]
+
+    def source_deleting(self, kind: str, source_id: str) -> bool:
+        """True when the snapshot or image is gone or being deleted."""
+        table = {"snapshot": "snapshots", "image": "golden_images"}[kind]
+        row = self.db.execute(f"SELECT deleting FROM {table} WHERE id = ?", (source_id,)).fetchone()
+        return row is None or bool(row[0])
+
     def delete_volume(self, volume_id: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 

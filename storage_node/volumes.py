@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -320,6 +321,10 @@ class VolumeService:
                 with s.tx():
                     if s.volume_by_name(name) is not None:
                         raise Aborted(f"volume {name!r} is being created; retry")
+                    # The source again, in the transaction: a delete that began since
+                    # _source_path looked must not pull the file from under the fill.
+                    if kind in ("snapshot", "image") and s.source_deleting(kind, source_id):
+                        raise NotFound(f"{kind} {source_id} does not exist")
                     self._check_room(s, tenant, size, 1, 0, total)
                     s.insert_volume(row)
 
@@ -333,16 +338,26 @@ class VolumeService:
                 kind or "none",
                 source_id,
             )
-            if kind == "volume":
-                # A live volume: hold its I/O while copying, so the copy is one point in time.
-                async with self.dataplane.quiesced(source_id):
-                    await self._io(files.clone, Path(source_path), Path(row.path), size)
-                return await self._ready(row)
-            if kind:
+            if kind and kind != "volume":
                 self._spawn(self._fill_in_background(row, Path(source_path)))
                 return row
-            await self._io(files.create_sparse, Path(row.path), size)
-            return await self._ready(row)
+            try:
+                if kind == "volume":
+                    # A live volume: hold its I/O while copying, so the copy is one point in
+                    # time.
+                    async with self.dataplane.quiesced(source_id):
+                        await self._io(files.clone, Path(source_path), Path(row.path), size)
+                else:
+                    await self._io(files.create_sparse, Path(row.path), size)
+                return await self._ready(row)
+            except Exception as exc:
+                # Undo the reservation: no row is left "creating" with nobody to finish it
+                # (a retry would get it back forever, and DeleteVolume ABORTED).
+                await self._undo_volume(row)
+                no_space = self._no_space(exc, f"volume {name!r}")
+                if no_space is None:
+                    raise
+                raise no_space from exc
 
     async def _source_path(self, kind: str, source_id: str, tenant: str, size: int) -> str:
         if not kind:
@@ -375,6 +390,22 @@ class VolumeService:
                 f"size {size} is smaller than the source {kind} {source_id} ({src_size} bytes)"
             )
         return path
+
+    async def _undo_volume(self, row: VolumeRow) -> None:
+        log.error("volume %s (%s): creation failed; removing it", row.id, row.name)
+        with contextlib.suppress(Exception):
+            await self.dataplane.remove_volume(row.id)
+        await self._io(files.remove, Path(row.path))
+        await self.store.run(lambda s: s.delete_volume(row.id))
+
+    def _no_space(self, exc: Exception, what: str) -> ResourceExhausted | None:
+        """A full filesystem is RESOURCE_EXHAUSTED naming the node; None for other errors."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ResourceExhausted(
+                f"storage node {self.settings.node_id!r} ran out of space for {what}: "
+                f"{exc.strerror}; nothing was kept"
+            )
+        return None
 
     async def _update_volume(self, volume_id: str, **changes: Any) -> None:
         await self.store.run(lambda s: s.set_volume(volume_id, **changes))
@@ -446,7 +477,9 @@ class VolumeService:
             if row.state != "ready":
                 raise FailedPrecondition(f"volume {volume_id} is {row.state}, not ready")
             if size < row.size:
-                raise InvalidArgument(
+                # FAILED_PRECONDITION, as the API documents for shrinking: the request is
+                # well formed, the volume's current size forbids it.
+                raise FailedPrecondition(
                     f"volume {volume_id} has {row.size} bytes; shrinking to {size} is not supported"
                 )
             if size == row.size:
@@ -508,8 +541,19 @@ class VolumeService:
                     await self.store.run(reserve)
                 else:
                     snap = existing  # a retry after a crash or failure: finish it
-                async with self.dataplane.quiesced(volume_id):
-                    await self._io(files.clone, Path(vol.path), Path(snap.path))
+                try:
+                    async with self.dataplane.quiesced(volume_id):
+                        await self._io(files.clone, Path(vol.path), Path(snap.path))
+                except Exception as exc:
+                    # No half-made snapshot stays: the file (and its temporary) first, which
+                    # frees the space, then the row.
+                    log.error("snapshot %s (%s) of %s failed: %s", snap.id, name, volume_id, exc)
+                    await self._io(files.remove, Path(snap.path))
+                    await self.store.run(lambda s: s.delete_snapshot(snap.id))
+                    no_space = self._no_space(exc, f"snapshot {name!r}")
+                    if no_space is None:
+                        raise
+                    raise no_space from exc
                 await self.store.run(lambda s: s.set_snapshot(snap.id, ready=True))
                 log.info("snapshot %s (%s) of volume %s", snap.id, name, volume_id)
                 return replace(snap, ready=True)
@@ -536,9 +580,26 @@ class VolumeService:
             row = await self.store.run(lambda s: s.snapshot(snapshot_id))
             if row is None:
                 return
-            await self.store.run(lambda s: s.set_snapshot(snapshot_id, deleting=True))
+            await self.store.run(lambda s: self._mark_source_deleting(s, "snapshot", snapshot_id))
             await self._io(files.remove, Path(row.path))
             await self.store.run(lambda s: s.delete_snapshot(snapshot_id))
+
+    @staticmethod
+    def _mark_source_deleting(s: Store, kind: str, source_id: str) -> None:
+        """Mark a snapshot or image deleting, unless a volume is still being filled from it:
+        removing its file then would turn that volume FAILED after CreateVolume succeeded.
+        CSI's "Snapshot in use" is FAILED_PRECONDITION; the caller retries with back-off."""
+        with s.tx():
+            filling = s.volumes_filling_from(kind, source_id)
+            if filling:
+                raise FailedPrecondition(
+                    f"{kind} {source_id} is in use: volume {filling[0]} is still being "
+                    "filled from it; retry when it is ready"
+                )
+            if kind == "snapshot":
+                s.set_snapshot(source_id, deleting=True)
+            else:
+                s.set_image(source_id, deleting=True)
 
     # -- golden images ---------------------------------------------------------------------
 
@@ -598,7 +659,7 @@ class VolumeService:
             row = await self.store.run(lambda s: s.image(image_id))
             if row is None:
                 return
-            await self.store.run(lambda s: s.set_image(image_id, deleting=True))
+            await self.store.run(lambda s: self._mark_source_deleting(s, "image", image_id))
             await self._io(files.remove, Path(row.path))
             await self.store.run(lambda s: s.delete_image(image_id))
 

@@ -5,6 +5,8 @@ and one I/O thread pool. Reads control messages (see storage_node.node and
 storage_node.dataplane) from the socket given as argv[1]: numbered data plane operations,
 each answered with {"op": "reply", "id": N, "error": ""}; connections (with their fd); and
 shutdown. When that socket closes, the main process is gone and the worker shuts down.
+Once a second it sends the counters of the volumes that changed ({"op": "stats"}, see
+storage_node.metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from .config import configure_logging
 from .dataplane import ProcessState
 from .exports import ExportRegistry
+from .metrics import STATS_INTERVAL, StatsReporter
 from .nbd.server import NbdServer
 from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS
 from .qos import SharedBuckets
@@ -43,6 +46,7 @@ class WorkerProcess:
             on_closed=self._closed,
         )
         self.state = ProcessState(server, self.executor, SharedBuckets(Path(init["qos_file"])))
+        self.reporter = StatsReporter(self.state.stats)
         self.shutdown_timeout: float = init["shutdown_timeout"]
         self.stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -55,15 +59,31 @@ class WorkerProcess:
         # terminal reaches the whole process group and is the main process's to handle.
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        reporting = loop.create_task(self._report_stats())
         await self.stop.wait()
         loop.remove_reader(self.ctrl.fileno())
         await self.state.server.shutdown(self.shutdown_timeout)
+        reporting.cancel()
+        self._send_stats()  # what the last requests counted
         self.state.close()
         self.executor.shutdown()
 
     def _send(self, message: bytes) -> None:
         with contextlib.suppress(OSError):
             self.ctrl.send(message)
+
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            self._send_stats()
+
+    def _send_stats(self) -> None:
+        for datagram in self.reporter.datagrams():
+            try:
+                self.ctrl.send(datagram)
+            except OSError:  # full (or gone): counters are cumulative, send them all next time
+                self.reporter.forget()
+                return
 
     def _closed(self) -> None:
         # The main process counts our connections to pick the least busy worker.

@@ -65,6 +65,9 @@ PAYLOAD_POOL = 4
 # connection takes at most SHARED_TURN requests per turn of the event loop.
 ACTIVE_TENANT_WINDOW = 0.05
 SHARED_TURN = 4
+SHARED_TURN_PAUSE = 0.0005
+# Unparsed bytes a connection waiting for its turn may buffer before we stop reading it.
+TURN_BACKLOG = 64 * 1024
 # Reply bytes one connection may have queued before we stop taking its READs.
 READ_BUDGET = 64 * 1024 * 1024
 
@@ -250,6 +253,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         assert self.transport is not None and self.export is not None
+        if self._next_turn:
+            # Our next turn is already queued. libuv reads a busy socket many times per
+            # wake-up; taking a turn on each read would let one connection run far ahead of
+            # the others, so bytes just wait in the buffer until the turn comes.
+            self._update_reading()
+            return
         budget = MAX_INFLIGHT - self._inflight
         if budget <= 0 or self._writing_paused or self._disconnecting:
             return  # _update_reading pauses the socket; _resume() parses the rest later
@@ -267,7 +276,13 @@ class Connection(asyncio.BufferedProtocol):
         self._start += consumed
         if len(requests) == limit and self._start < self._end and not self._next_turn:
             self._next_turn = True
-            asyncio.get_running_loop().call_soon(self._take_turn)
+            loop = asyncio.get_running_loop()
+            if limit == SHARED_TURN:
+                # A deep queue while other tenants are active: leave the CPU to them for a
+                # moment, so their requests (and their clients) are not kept waiting.
+                loop.call_later(SHARED_TURN_PAUSE, self._take_turn)
+            else:
+                loop.call_soon(self._take_turn)
         self._run(requests)
 
     def _take_turn(self) -> None:
@@ -515,6 +530,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         busy = (
             bool(self._held)
+            or (self._next_turn and self._end - self._start > TURN_BACKLOG)
             or self._inflight >= MAX_INFLIGHT
             or self._writing_paused
             or self._disconnecting
