@@ -190,7 +190,11 @@ class Stats(Filter):
         except BaseException:
             self._failed(row, start)
             raise
-        self._finish(row, start, length)
+        # _finish, inlined on the two hottest paths (a call costs about 80 ns here).
+        elapsed = perf_counter_ns() - start
+        row[BYTES] += length
+        row[LATENCY_NS] += elapsed
+        row[FIRST_BUCKET + bisect_left(_BOUNDS_NS, elapsed)] += 1
         return data
 
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
@@ -202,7 +206,10 @@ class Stats(Filter):
         except BaseException:
             self._failed(row, start)
             raise
-        self._finish(row, start, len(data))
+        elapsed = perf_counter_ns() - start
+        row[BYTES] += len(data)
+        row[LATENCY_NS] += elapsed
+        row[FIRST_BUCKET + bisect_left(_BOUNDS_NS, elapsed)] += 1
 
     def flush(self) -> None:
         row = (self._shards.get(get_ident()) or self._new_shard())[FLUSH]
