@@ -330,7 +330,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 def make_server(
     servicer: ManagementServicer, token: str, address: str, tls: tuple[bytes, bytes] | None
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=[TokenAuth(token)])
+    # No SO_REUSEPORT: a second node on the same address must fail, not share the port.
+    server = grpc.aio.server(interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_StorageNodeServicer_to_server(servicer, server)
     if tls is not None:
         creds = grpc.ssl_server_credentials([(tls[1], tls[0])])

@@ -72,7 +72,13 @@ class ProcessState:
         if vid not in self.volumes:
             self.volumes[vid] = FileBackend(op["path"])
             self.stats[vid] = Stats(self.volumes[vid])
-            self.qos[vid] = VolumeQos(tenant, self.buckets, None, self.tenant_limits.get(tenant))
+            self.qos[vid] = VolumeQos(
+                tenant,
+                self.buckets,
+                None,
+                self.tenant_limits.get(tenant),
+                on_throttle=self.stats[vid].throttled,
+            )
 
     def _op_remove_volume(self, op: Op) -> None:
         vid = op["volume_id"]

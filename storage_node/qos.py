@@ -19,6 +19,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class VolumeQos:
     buckets: SharedBuckets | None = None
     volume: Limit | None = None
     tenant_limit: Limit | None = None
-    throttled_seconds: float = 0.0
+    on_throttle: Callable[[float], None] | None = None  # told of every wait (metrics)
 
     @property
     def limited(self) -> bool:
@@ -103,6 +104,6 @@ class VolumeQos:
         for lim in (self.volume, self.tenant_limit):
             if lim is not None and lim.active:
                 wait = max(wait, self.buckets.reserve(lim.slot, now, lim.iops, 1, lim.bps, nbytes))
-        if wait > 0:
-            self.throttled_seconds += wait
+        if wait > 0 and self.on_throttle is not None:
+            self.on_throttle(wait)
         return wait

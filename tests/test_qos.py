@@ -7,6 +7,7 @@ which no slow machine can break; they never assert that anything is fast.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -104,3 +105,17 @@ def test_limits_survive_a_restart(node: ApiNode) -> None:
     uri = node.api.ListAttachments(pb.ListAttachmentsRequest(volume_id=vid)).attachments[0]
     client = RawClient(node.nbd_port).connect(uri.export_name)
     assert reads(client, 60) >= min_seconds(60, 100)
+
+
+def test_admission_reports_waits_for_metrics(tmp_path: Path) -> None:
+    from storage_node.qos import Limit, SharedBuckets, VolumeQos
+
+    waits: list[float] = []
+    buckets = SharedBuckets(tmp_path / "qos.shm", create=True)
+    qos = VolumeQos("t", buckets, Limit(slot=3, iops=100), None, on_throttle=waits.append)
+    delays = [qos.admit(READ, 4096) for _ in range(20)]
+    # 100 IOPS with a 50 ms burst: the first 5 pass, then each waits 10 ms more.
+    assert delays[:5] == [0.0] * 5
+    assert all(b > a for a, b in itertools.pairwise(delays[5:]))
+    assert waits == [d for d in delays if d > 0]
+    buckets.close()

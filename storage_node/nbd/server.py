@@ -60,7 +60,8 @@ WRITE_HIGH_WATER = 16 * 1024 * 1024
 SENDFILE_MIN = 64 * 1024
 # WRITEs at least this large are received into their own buffer and written from a thread.
 DIRECT_WRITE_MIN = 256 * 1024
-PAYLOAD_POOL = 4
+# Payload buffers kept for reuse per connection (bytes): a fresh one costs page faults.
+PAYLOAD_POOL_BYTES = 64 * 1024 * 1024
 # While more than one tenant was active in the last ACTIVE_TENANT_WINDOW seconds, a
 # connection takes at most SHARED_TURN requests per turn of the event loop.
 ACTIVE_TENANT_WINDOW = 0.05
@@ -401,9 +402,11 @@ class Connection(asyncio.BufferedProtocol):
     def _batch_done(self, fut: asyncio.Future[Replies], batch: list[Request]) -> None:
         self._inflight -= len(batch)
         for req in batch:
-            if req.type == WRITE and self._owns(req) and len(self._payload_pool) < PAYLOAD_POOL:
+            if req.type == WRITE and self._owns(req):
                 assert req.payload is not None
-                self._payload_pool.append(cast(bytearray, req.payload.obj))
+                buf = cast(bytearray, req.payload.obj)
+                if sum(map(len, self._payload_pool)) + len(buf) <= PAYLOAD_POOL_BYTES:
+                    self._payload_pool.append(buf)
         if self.transport is None:
             return
         if fut.cancelled():

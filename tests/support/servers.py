@@ -108,6 +108,9 @@ def start_storage_node(
     for spec in exports:
         argv += ["--export", spec]
     argv += list(extra_args)
+    for option in ("--api-listen", "--metrics-listen"):
+        if option not in argv:
+            argv += [option, "127.0.0.1:0"]  # nodes of parallel tests must not clash
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     handle = _spawn(argv, port, data_dir / "storage-node.log", cwd=str(REPO), env=full_env)
     handle.data_dir = data_dir
