@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,11 +53,14 @@ def fio(
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
 
-def latency(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+def result(proc: subprocess.Popen[bytes]) -> Any:
     out, _ = proc.communicate()
     text = out.decode()
-    job = json.loads(text[text.index("{") :])["jobs"][0]["read"]
-    clat = job["clat_ns"]
+    return json.loads(text[text.index("{") :])["jobs"][0]
+
+
+def latency(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    clat = result(proc)["read"]["clat_ns"]
     return clat["mean"] / 1000, clat["percentile"]["99.000000"] / 1000
 
 
@@ -113,6 +117,7 @@ def main() -> int:
             )
         alone: list[tuple[float, float]] = []
         loaded: list[tuple[float, float]] = []
+        flood_iops: list[float] = []
         for _ in range(args.repeat):
             alone.append(latency(fio(uris["quiet"], "randread", 1, args.runtime, "quiet")))
             floods = [
@@ -120,8 +125,9 @@ def main() -> int:
             ]
             time.sleep(1)
             loaded.append(latency(fio(uris["quiet"], "randread", 1, args.runtime, "quiet")))
-            for f in floods:
-                f.communicate()
+            flood_iops.append(
+                sum(job["read"]["iops"] + job["write"]["iops"] for job in map(result, floods))
+            )
         a_mean = statistics.median(x[0] for x in alone)
         l_mean = statistics.median(x[0] for x in loaded)
         a_p99 = statistics.median(x[1] for x in alone)
@@ -129,6 +135,7 @@ def main() -> int:
         print(f"{'case':<28}{'mean us':>10}{'p99 us':>10}")
         print(f"{'quiet alone':<28}{a_mean:>10.1f}{a_p99:>10.1f}")
         print(f"{'quiet while flood QD32 x2':<28}{l_mean:>10.1f}{l_p99:>10.1f}")
+        print(f"flood meanwhile: {statistics.median(flood_iops):.0f} IOPS on its two volumes")
         print(f"latency_ratio={l_mean / a_mean:.2f} (goal <= 2.0), p99_ratio={l_p99 / a_p99:.2f}")
     finally:
         node.stop()

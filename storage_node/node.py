@@ -177,9 +177,10 @@ class StorageNode:
     def qos_path(self) -> Path:
         return self.config.data_dir / "qos.shm"
 
-    def _init_message(self) -> bytes:
+    def _init_message(self, index: int) -> bytes:
         return control_message(
             "init",
+            index=index,
             handshake_timeout=self.config.handshake_timeout,
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
@@ -229,7 +230,12 @@ class StorageNode:
 
         if config.workers == 0:
             registry = ExportRegistry()
-            server = NbdServer(registry, self._executor, handshake_timeout=config.handshake_timeout)
+            server = NbdServer(
+                registry,
+                self._executor,
+                handshake_timeout=config.handshake_timeout,
+                board=self.buckets,
+            )
             self._local = ProcessState(server, self._executor, self.buckets)
             async with self.dataplane.joining(0, self._local.apply):
                 pass
@@ -299,7 +305,7 @@ class StorageNode:
         return {str(w.index): w.connections for w in self.workers}
 
     async def _start_worker(self, index: int) -> None:
-        worker = Worker(index, self._init_message())
+        worker = Worker(index, self._init_message(index))
         if index < len(self.workers):
             self.workers[index] = worker
         else:

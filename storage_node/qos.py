@@ -7,6 +7,10 @@ reserves its cost in every bucket that applies and returns how long it must wait
 delays it that long (a timer, not a busy loop). A slot is updated under a byte-range lock on
 that slot, so limits hold across worker processes; volumes without limits never touch it.
 
+The same file carries an activity board: which tenants each NBD process saw recently, so
+that fair sharing between tenants (storage_node.nbd.server) knows when tenants compete
+anywhere on the node, not only inside one process.
+
 Costs by request class: READ and WRITE cost one operation and their length in bytes;
 WRITE_ZEROES and TRIM one operation (no data moves); FLUSH and CACHE one operation;
 BLOCK_STATUS nothing (metadata). Bursts of up to BURST_SECONDS of the rate pass undelayed.
@@ -15,6 +19,7 @@ BLOCK_STATUS nothing (metadata). Bursts of up to BURST_SECONDS of the rate pass 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 import struct
@@ -28,6 +33,12 @@ from .nbd.transmission import BLOCK_STATUS, READ, WRITE
 SLOT = struct.Struct("=dd")  # theoretical arrival time: operations, bytes
 SLOTS = 65536
 BURST_SECONDS = 0.05
+# The activity board, after the slots: per NBD process, when it last wrote and which tenants
+# (64-bit hashes) it saw recently. Each process writes only its own entry, so no lock.
+BOARD_TENANTS = 8
+BOARD_ENTRY = struct.Struct(f"=dQ{BOARD_TENANTS}Q")  # time, count, hashes
+BOARD_ENTRIES = 64
+FILE_SIZE = SLOTS * SLOT.size + BOARD_ENTRIES * BOARD_ENTRY.size
 
 
 class SharedBuckets:
@@ -37,8 +48,8 @@ class SharedBuckets:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
         self.fd = os.open(path, flags, 0o600)
         if create:
-            os.ftruncate(self.fd, SLOTS * SLOT.size)
-        self.map = mmap.mmap(self.fd, SLOTS * SLOT.size, mmap.MAP_SHARED)
+            os.ftruncate(self.fd, FILE_SIZE)
+        self.map = mmap.mmap(self.fd, FILE_SIZE, mmap.MAP_SHARED)
 
     def reserve(
         self, slot: int, now: float, ops_rate: int, ops: int, byte_rate: int, nbytes: int
@@ -60,9 +71,32 @@ class SharedBuckets:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, offset, os.SEEK_SET)
         return wait
 
+    def publish_tenants(self, entry: int, now: float, tenants: list[str]) -> None:
+        """Say which tenants this process (board entry `entry`) saw active just now."""
+        hashes = [_tenant_hash(t) for t in tenants[:BOARD_TENANTS]]
+        hashes += [0] * (BOARD_TENANTS - len(hashes))
+        offset = SLOTS * SLOT.size + (entry % BOARD_ENTRIES) * BOARD_ENTRY.size
+        BOARD_ENTRY.pack_into(self.map, offset, now, len(tenants), *hashes)
+
+    def active_tenants(self, now: float, window: float) -> int:
+        """Distinct tenants active on the whole node (every process) within `window`."""
+        seen: set[int] = set()
+        extra = 0
+        base = SLOTS * SLOT.size
+        for i in range(BOARD_ENTRIES):
+            when, count, *hashes = BOARD_ENTRY.unpack_from(self.map, base + i * BOARD_ENTRY.size)
+            if when and now - when < window:
+                seen.update(h for h in hashes[:count] if h)
+                extra += max(count - BOARD_TENANTS, 0)
+        return len(seen) + extra
+
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
+
+
+def _tenant_hash(tenant: str) -> int:
+    return int.from_bytes(hashlib.blake2b(tenant.encode(), digest_size=8).digest(), "little") or 1
 
 
 @dataclass

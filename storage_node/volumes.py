@@ -65,6 +65,7 @@ T = TypeVar("T")
 BLOCK = 4096
 MAX_VOLUME_SIZE = 1 << 46  # 64 TiB
 MAX_NAME = 128
+MAX_LIMIT = (1 << 63) - 1
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
@@ -136,6 +137,13 @@ def check_tenant(tenant: str) -> None:
 def check_id(value: str, prefix: str) -> None:
     if not _ID.match(value or "") or not value.startswith(prefix + "-"):
         raise InvalidArgument(f"{value!r} is not a {prefix} id ({prefix}-<16 hex digits>)")
+
+
+def check_limits(**values: int) -> None:
+    """QoS and limit fields are uint64 on the wire; SQLite keeps signed 64-bit integers."""
+    for what, value in values.items():
+        if value > MAX_LIMIT:
+            raise InvalidArgument(f"{what} must be at most {MAX_LIMIT} (0: unlimited), got {value}")
 
 
 def check_size(size: int) -> None:
@@ -277,6 +285,7 @@ class VolumeService:
         check_name(name)
         check_tenant(tenant)
         check_size(size)
+        check_limits(qos_iops=qos[0], qos_bytes_per_second=qos[1])
         labels = dict(labels or {})
         kind, source_id = source or ("", "")
         if kind:
@@ -497,6 +506,7 @@ class VolumeService:
             return replace(row, size=size)
 
     async def set_volume_qos(self, volume_id: str, iops: int, bps: int) -> VolumeRow:
+        check_limits(qos_iops=iops, qos_bytes_per_second=bps)
         row = await self.get_volume(volume_id)
         await self.store.run(lambda s: s.set_volume(volume_id, qos_iops=iops, qos_bps=bps))
         await self.dataplane.set_qos(volume_id, row.tenant, iops, bps)
@@ -612,8 +622,11 @@ class VolumeService:
         with self.inflight.guard(f"image name {name}"):
             existing = await self.store.run(lambda s: s.image_by_name(name))
             if existing is not None:
-                if existing.source_path != source_path:
-                    raise AlreadyExists(f"image {name!r} was imported from another file")
+                if (existing.source_path, existing.format) != (source_path, fmt):
+                    raise AlreadyExists(
+                        f"image {name!r} was imported with other parameters (file "
+                        f"{existing.source_path}, format {existing.format or 'detected'})"
+                    )
                 return existing
             if not await self._io(os.path.isfile, source_path):
                 raise InvalidArgument(f"{source_path} is not a file on this storage node")
@@ -671,7 +684,9 @@ class VolumeService:
         check_id(volume_id, "vol")
         check_name(node_id, "node_id")
         try:
-            ipaddress.ip_address(node_address)
+            # The canonical form: the NBD server compares it with the peer's address as the
+            # socket reports it ("::1", never "0:0::1").
+            node_address = str(ipaddress.ip_address(node_address))
         except ValueError:
             raise InvalidArgument(f"node_address {node_address!r} is not an IP address") from None
         with self.inflight.guard(volume_id):
@@ -755,6 +770,13 @@ class VolumeService:
 
     async def set_tenant_limits(self, name: str, limits: TenantLimits) -> None:
         check_tenant(name)
+        check_limits(
+            capacity_bytes=limits.capacity_bytes,
+            volumes=limits.volumes,
+            snapshots=limits.snapshots,
+            qos_iops=limits.qos_iops,
+            qos_bytes_per_second=limits.qos_bps,
+        )
         await self.store.run(lambda s: s.set_tenant_limits(name, limits))
         await self.dataplane.set_tenant_qos(name, limits.qos_iops, limits.qos_bps)
 

@@ -39,13 +39,16 @@ class WorkerProcess:
     def __init__(self, ctrl: socket.socket, init: dict[str, Any]) -> None:
         self.ctrl = ctrl
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="nbd-io")
+        buckets = SharedBuckets(Path(init["qos_file"]))
         server = NbdServer(
             ExportRegistry(),
             self.executor,
             handshake_timeout=init["handshake_timeout"],
             on_closed=self._closed,
+            board=buckets,
+            board_entry=init["index"],
         )
-        self.state = ProcessState(server, self.executor, SharedBuckets(Path(init["qos_file"])))
+        self.state = ProcessState(server, self.executor, buckets)
         self.reporter = StatsReporter(self.state.stats)
         self.shutdown_timeout: float = init["shutdown_timeout"]
         self.stop = asyncio.Event()

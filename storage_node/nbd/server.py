@@ -27,6 +27,7 @@ from concurrent.futures import Executor
 from typing import Any, cast
 
 from ..exports import Export, ExportRegistry
+from ..qos import SharedBuckets
 from .constants import MAX_PAYLOAD, CmdFlag, Errno
 from .errors import nbd_errno
 from .handshake import Handshake, HandshakeError, Negotiated, Phase
@@ -62,9 +63,12 @@ SENDFILE_MIN = 64 * 1024
 DIRECT_WRITE_MIN = 256 * 1024
 # Payload buffers kept for reuse per connection (bytes): a fresh one costs page faults.
 PAYLOAD_POOL_BYTES = 64 * 1024 * 1024
-# While more than one tenant was active in the last ACTIVE_TENANT_WINDOW seconds, a
-# connection takes at most SHARED_TURN requests per turn of the event loop.
+# While more than one tenant was active on the node in the last ACTIVE_TENANT_WINDOW
+# seconds, a connection takes at most SHARED_TURN requests per turn of the event loop, and a
+# connection with more waiting pauses SHARED_TURN_PAUSE between turns. Processes compare
+# notes on the activity board every BOARD_PERIOD.
 ACTIVE_TENANT_WINDOW = 0.05
+BOARD_PERIOD = 0.01
 SHARED_TURN = 4
 SHARED_TURN_PAUSE = 0.0005
 # Unparsed bytes a connection waiting for its turn may buffer before we stop reading it.
@@ -590,6 +594,8 @@ class NbdServer:
         *,
         handshake_timeout: float = 10.0,
         on_closed: Callable[[], None] | None = None,
+        board: SharedBuckets | None = None,
+        board_entry: int = 0,
     ) -> None:
         self.registry = registry
         self.on_closed = on_closed  # told of every closed connection (for load balancing)
@@ -598,6 +604,10 @@ class NbdServer:
         self.connections: set[Connection] = set()
         self.held: set[str] = set()  # volumes whose requests wait (quiesce for a snapshot)
         self._tenant_seen: dict[str, float] = {}
+        self.board = board
+        self.board_entry = board_entry
+        self._board_due = 0.0
+        self._contended = False
         self.shutting_down = False
         self._idle_waiters: list[Callable[[], None]] = []
         registry.subscribe_removed(self._export_removed)
@@ -616,19 +626,26 @@ class NbdServer:
                 conn._hard_disconnect(f"export {export.display_name} was removed")
 
     def turn_size(self, tenant: str) -> int:
-        """How many requests a connection of `tenant` may take in one turn of the loop."""
+        """How many requests a connection of `tenant` may take in one turn of the loop: few
+        while tenants compete anywhere on the node, all it has otherwise. Every BOARD_PERIOD
+        this process publishes its recently active tenants on the shared activity board and
+        counts the distinct ones across all processes."""
         now = time.monotonic()
-        seen = self._tenant_seen
-        seen[tenant] = now
-        if len(seen) == 1:
-            return MAX_INFLIGHT
-        active = 0
-        for t, last in list(seen.items()):
-            if now - last < ACTIVE_TENANT_WINDOW:
-                active += 1
-            elif len(seen) > 64:
-                del seen[t]
-        return MAX_INFLIGHT if active <= 1 else SHARED_TURN
+        self._tenant_seen[tenant] = now
+        if now >= self._board_due:
+            self._board_due = now + BOARD_PERIOD
+            recent = []
+            for t, last in list(self._tenant_seen.items()):
+                if now - last < ACTIVE_TENANT_WINDOW:
+                    recent.append(t)
+                else:
+                    del self._tenant_seen[t]
+            if self.board is not None:
+                self.board.publish_tenants(self.board_entry, now, recent)
+                self._contended = self.board.active_tenants(now, ACTIVE_TENANT_WINDOW) > 1
+            else:
+                self._contended = len(recent) > 1
+        return SHARED_TURN if self._contended else MAX_INFLIGHT
 
     def volume_connections(self, volume_id: str) -> list[Connection]:
         return [c for c in self.connections if c.export and c.export.volume_id == volume_id]

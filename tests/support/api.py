@@ -216,7 +216,17 @@ class ApiNode:
             self.exports,
             port=self.nbd_port,
             workers=self.workers,
-            extra_args=["--api-listen", f"127.0.0.1:{self.api_port}", *self.extra_args],
+            extra_args=[
+                "--api-listen",
+                f"127.0.0.1:{self.api_port}",
+                # Any free port: nodes of tests running in parallel must not clash.
+                *(
+                    []
+                    if "--metrics-listen" in self.extra_args
+                    else ["--metrics-listen", "127.0.0.1:0"]
+                ),
+                *self.extra_args,
+            ],
         )
         try:
             self._connect()
