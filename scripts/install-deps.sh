@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEBIAN_PACKAGES=(
     qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio
     linux-image-amd64 busybox-static nbd-client socat cpio prometheus
-    python3 python3-venv
+    python3 python3-venv xfsprogs openssl strace
 )
 
 missing=()

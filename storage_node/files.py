@@ -10,16 +10,26 @@ All of these block: callers run them in an executor or in a low-priority child p
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 FICLONE = 0x40049409
+PR_SET_PDEATHSIG = 1
 TMP_SUFFIX = ".tmp"
 _CHUNK = 8 * 1024 * 1024
+
+
+def temporary(final: Path) -> Path:
+    """A temporary name next to `final`, unique to this attempt: a copy left running by a
+    crashed node can never write into, or rename, the file of a later attempt."""
+    return final.with_name(f"{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,7 +46,7 @@ def _commit(tmp: Path, final: Path) -> None:
 
 
 def create_sparse(path: Path, size: int) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temporary(path)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
@@ -85,7 +95,7 @@ def sparse_copy(src: Path, dst: Path) -> None:
 
 def clone(src: Path, dst: Path, size: int | None = None) -> bool:
     """Make dst a point-in-time copy of src (grown to `size`). True if it was a reflink."""
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = temporary(dst)
     try:
         shared = try_reflink(src, tmp)
         if not shared:
@@ -112,7 +122,7 @@ def copy_in_background(src: Path, dst: Path, size: int | None = None) -> None:
 
 def convert_image(src: Path, dst: Path, fmt: str) -> None:
     """A raw image from a raw or qcow2 file, with qemu-img, at the lowest priority."""
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = temporary(dst)
     argv = ["qemu-img", "convert", "-O", "raw", "-S", "4k"]
     if fmt:
         argv += ["-f", fmt]
@@ -133,7 +143,7 @@ def _lowest_priority(argv: list[str]) -> list[str]:
 
 
 def remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + TMP_SUFFIX)):
+    for p in (path, *path.parent.glob(f"{path.name}.*{TMP_SUFFIX}")):
         p.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
@@ -151,6 +161,8 @@ def image_size(path: Path) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "copy":
+        # Die with the node: a copy outliving a crash would only waste I/O.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         try:
             clone(Path(argv[1]), Path(argv[2]), int(argv[3]) if len(argv) > 3 else None)
         except OSError as exc:
