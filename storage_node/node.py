@@ -35,10 +35,10 @@ from typing import Any
 from prometheus_client.registry import CollectorRegistry
 
 from . import api
-from .backend.file import create_sparse
 from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
 from .exports import ExportRegistry
+from .files import create_sparse
 from .metrics import REFRESH_INTERVAL, STATS_INTERVAL, NodeMetrics, StatsReporter
 from .nbd.server import NbdServer
 from .qos import SharedBuckets
@@ -96,7 +96,7 @@ def _create_image(config: Config, store: Store, spec: ExportSpec) -> ExportRow:
         if path.stat().st_size != spec.size:
             raise StartupError(f"{path} exists with another size and is not in the catalogue")
     else:
-        create_sparse(str(path), spec.size)
+        create_sparse(path, spec.size)
     row = ExportRow(spec.name, str(path), spec.size, spec.readonly, spec.description)
     store.add_export(row)
     log.info("created image %s (%d bytes)", path, spec.size)

@@ -29,7 +29,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from storage_node.backend.file import FileBackend, create_sparse
+from storage_node.backend.file import FileBackend
 from storage_node.backend.filters import (
     BYTES,
     ERRORS,
@@ -42,6 +42,7 @@ from storage_node.backend.filters import (
     Filter,
     Stats,
 )
+from storage_node.files import create_sparse
 from storage_node.metrics import (
     DATAGRAM_LIMIT,
     PVC_NAME,
@@ -95,7 +96,7 @@ def counters(**ops: tuple[int, int]) -> list[int]:
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "vol.img"
-    create_sparse(str(path), 4 * MiB)
+    create_sparse(path, 4 * MiB)
     return path
 
 

@@ -39,6 +39,17 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _try_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate, or False when the filesystem does not support this mode."""
+    try:
+        _fallocate(fd, mode, offset, length)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        return False
+    return True
+
+
 def filesystem_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)
     if _libc.fstatfs(fd, buf) != 0:
@@ -46,16 +57,6 @@ def filesystem_type(fd: int) -> int:
         raise OSError(err, os.strerror(err))
     f_type: int = struct.unpack_from("l", buf)[0]
     return f_type & 0xFFFFFFFF
-
-
-def create_sparse(path: str, size: int) -> None:
-    """Create a sparse image of `size` bytes; fails if the path exists."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileBackend:
@@ -131,38 +132,32 @@ class FileBackend:
     def flush(self) -> None:
         os.fdatasync(self._fd)
 
+    def _punch(self, offset: int, length: int) -> bool:
+        """Punch a hole (reads back as zeroes); False where the filesystem cannot."""
+        if self._can_punch:
+            self._can_punch = _try_fallocate(
+                self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        return self._can_punch
+
+    def _zero_range(self, offset: int, length: int) -> bool:
+        """Zero a range, keeping it allocated; False where the filesystem cannot."""
+        if self._can_zero_range:
+            self._can_zero_range = _try_fallocate(
+                self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        return self._can_zero_range
+
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # TRIM is a hint: a filesystem that cannot punch holes just keeps the data.
-        if self._can_punch:
-            try:
-                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise
-                self._can_punch = False
-        if fua:
-            self.flush()
+        self._punch(offset, length)
+        self._after_write(fua)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
-        if may_trim and self._can_punch:
-            try:
-                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return self._after_write(fua)
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                _fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return self._after_write(fua)
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise
-                self._can_zero_range = False
-        if self._can_punch:
+        if (may_trim and self._punch(offset, length)) or self._zero_range(offset, length):
+            return self._after_write(fua)
+        if self._punch(offset, length):
             # NO_HOLE without ZERO_RANGE (tmpfs): punch, then allocate the range again.
-            _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             _fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
             return self._after_write(fua)
         if fast:

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage_node.backend.file import FileBackend, create_sparse
+from storage_node.backend.file import FileBackend
 from storage_node.exports import Export, ExportRegistry
+from storage_node.files import create_sparse
 from storage_node.nbd.constants import MAX_OPTION_DATA
 from storage_node.nbd.handshake import Handshake, HandshakeError, Phase
 from storage_node.nbd.transmission import ProtocolError, Request, RequestParser, check
@@ -63,7 +64,7 @@ def pieces(rng: random.Random, data: bytes):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "disk.img"
-    create_sparse(str(path), 1 << 20)
+    create_sparse(path, 1 << 20)
     reg = ExportRegistry()
     reg.add(Export("disk", FileBackend(str(path))))
     return reg

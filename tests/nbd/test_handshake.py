@@ -6,8 +6,9 @@ import struct
 
 import pytest
 
-from storage_node.backend.file import FileBackend, create_sparse
+from storage_node.backend.file import FileBackend
 from storage_node.exports import Export, ExportRegistry
+from storage_node.files import create_sparse
 from storage_node.nbd.handshake import Handshake, HandshakeError, Phase
 
 from .wire import go_data, meta_data, option, parse_replies
@@ -24,10 +25,10 @@ def registry(tmp_path):
     reg = ExportRegistry()
     for name, desc in (("disk", "the disk"), ("other", "")):
         path = tmp_path / f"{name}.img"
-        create_sparse(str(path), SIZE)
+        create_sparse(path, SIZE)
         reg.add(Export(name, FileBackend(str(path)), desc))
     path = tmp_path / "secret.img"
-    create_sparse(str(path), SIZE)
+    create_sparse(path, SIZE)
     reg.add(
         Export(
             "secret", FileBackend(str(path)), allowed_peers=frozenset({"127.0.0.9"}), listed=False
