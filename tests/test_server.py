@@ -334,3 +334,29 @@ def _rss_kib(pid: int) -> int:
     except FileNotFoundError:
         pass
     return 0
+
+
+def test_reads_are_served_before_writes_that_arrived_with_them(tmp_path):
+    """Request classes: within one turn, reads go first; writes, FLUSH and FUA keep their
+    arrival order. With an image in memory every request of the turn completes inline, so the
+    replies come back in the order the server ran them."""
+    image_dir = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    image = image_dir / "disk.img"
+    image.write_bytes(b"")
+    os.truncate(image, 16 * MiB)
+    node = start_storage_node(tmp_path / "node", [f"name=disk,file={image}"])
+    try:
+        c = RawClient(node.port).connect("disk")
+        burst = b"".join(
+            [
+                struct.pack(">IHHQQI", 0x25609513, 0, WRITE, 1, 0, 4096) + b"w" * 4096,
+                struct.pack(">IHHQQI", 0x25609513, 0, FLUSH, 2, 0, 0),
+                struct.pack(">IHHQQI", 0x25609513, 1, WRITE, 3, 4096, 4096) + b"f" * 4096,
+                struct.pack(">IHHQQI", 0x25609513, 0, READ, 4, 8192, 4096),
+            ]
+        )
+        c.sock.sendall(burst)
+        assert [c.reply().cookie for _ in range(4)] == [4, 1, 2, 3]
+    finally:
+        node.stop()
+        shutil.rmtree(image_dir)
