@@ -1,0 +1,220 @@
+"""The CSI plugin's configuration: one frozen object, built in __main__ and passed down.
+
+Owns the command-line surface (`python -m csi --help`), the parsing of endpoints and storage
+node addresses, and the plugin's identity (driver name, vendor version). Nothing here runs at
+import time: no environment reads, no globals computed from the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+DRIVER_NAME = "nbd.csi.dev"
+FALLBACK_VERSION = "0.1.0"
+DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
+
+# Storage node ids end up inside volume ids, so they stay short and free of separators.
+_NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_UNIX_PATH_MAX = 107
+
+
+class Mode(StrEnum):
+    """Which CSI services this process serves (Identity is always served)."""
+
+    CONTROLLER = "controller"
+    NODE = "node"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the plugin listens: a unix socket path, or a TCP host and port (tests)."""
+
+    unix_path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """`unix:///ABSOLUTE/PATH` or `tcp://HOST:PORT`."""
+        if text.startswith("unix://"):
+            path = text.removeprefix("unix://")
+            if not path.startswith("/"):
+                raise ValueError(f"{text!r}: a unix endpoint needs an absolute path (unix:///...)")
+            if len(path.encode()) > _UNIX_PATH_MAX:
+                raise ValueError(f"{text!r}: socket path longer than {_UNIX_PATH_MAX} bytes")
+            return cls(unix_path=Path(path))
+        if text.startswith("tcp://"):
+            host, port = _host_port(text.removeprefix("tcp://"))
+            return cls(host=host, port=port)
+        raise ValueError(f"{text!r}: endpoint must be unix:///PATH or tcp://HOST:PORT")
+
+    @property
+    def grpc_address(self) -> str:
+        """The address in the form grpc's add_insecure_port takes."""
+        if self.unix_path is not None:
+            return f"unix://{self.unix_path}"
+        return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix://{self.unix_path}"
+        return f"tcp://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StorageNodeAddress:
+    """A storage node's management API, as given by `--storage-node ID=HOST:PORT`."""
+
+    id: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> StorageNodeAddress:
+        node_id, sep, address = text.partition("=")
+        if not sep:
+            raise ValueError(f"{text!r} is not ID=HOST:PORT")
+        if not _NODE_ID.match(node_id):
+            raise ValueError(
+                f"{text!r}: the id must be 1-63 letters, digits, '.', '_' or '-', "
+                "starting and ending with a letter or digit"
+            )
+        host, port = _host_port(address)
+        return cls(node_id, host, port)
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: Mode
+    endpoint: Endpoint
+    node_id: str
+    storage_nodes: tuple[StorageNodeAddress, ...]
+    storage_token_file: Path | None
+    storage_tls_ca: Path | None
+    log_level: str
+    driver_name: str = DRIVER_NAME
+    vendor_version: str = FALLBACK_VERSION
+    # How long Probe waits for each storage node's GetNodeInfo.
+    probe_timeout: float = 3.0
+    # How long in-flight calls may run after SIGTERM before they are cancelled.
+    shutdown_grace: float = 5.0
+
+
+def vendor_version() -> str:
+    try:
+        return importlib.metadata.version("nbd-csi")
+    except importlib.metadata.PackageNotFoundError:
+        return FALLBACK_VERSION
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m csi",
+        description=f"nbd-csi CSI plugin ({DRIVER_NAME}): serves the CSI gRPC services.",
+    )
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=Mode.ALL.value,
+        help="which CSI services to serve besides Identity (default: %(default)s)",
+    )
+    p.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        metavar="unix:///PATH|tcp://HOST:PORT",
+        help="where to listen for CSI calls (default: %(default)s); a stale unix socket file "
+        "is replaced",
+    )
+    p.add_argument(
+        "--storage-node",
+        action="append",
+        default=[],
+        metavar="ID=HOST:PORT",
+        help="a storage node's management API address; repeatable",
+    )
+    p.add_argument(
+        "--storage-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the bearer token for the storage nodes' management API",
+    )
+    p.add_argument(
+        "--storage-tls-ca",
+        type=Path,
+        metavar="PATH",
+        help="PEM CA certificate: talk TLS to the storage nodes and trust this CA",
+    )
+    p.add_argument(
+        "--node-id",
+        default=None,
+        help="this Kubernetes node's id (default: the host name)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+    """Parse the command line; errors exit with status 2 and a message naming the option."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        endpoint = Endpoint.parse(args.endpoint)
+    except ValueError as exc:
+        p.error(f"--endpoint {exc}")
+    nodes: list[StorageNodeAddress] = []
+    for text in args.storage_node:
+        try:
+            nodes.append(StorageNodeAddress.parse(text))
+        except ValueError as exc:
+            p.error(f"--storage-node {exc}")
+    ids = [n.id for n in nodes]
+    if len(set(ids)) != len(ids):
+        p.error(f"--storage-node ids must be unique, got {', '.join(ids)}")
+    if nodes and args.storage_token_file is None:
+        p.error("--storage-node needs --storage-token-file (the management API wants a token)")
+    node_id = args.node_id if args.node_id is not None else socket.gethostname()
+    if not node_id:
+        p.error("--node-id must not be empty")
+    return Config(
+        mode=Mode(args.mode),
+        endpoint=endpoint,
+        node_id=node_id,
+        storage_nodes=tuple(nodes),
+        storage_token_file=args.storage_token_file,
+        storage_tls_ca=args.storage_tls_ca,
+        log_level=args.log_level,
+        vendor_version=vendor_version(),
+    )
+
+
+def configure_logging(level: str, process: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s",
+    )
