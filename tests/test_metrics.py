@@ -55,6 +55,7 @@ from storage_node.metrics import (
 )
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import ApiNode, poll, start_api_node
+from tests.support.prometheus import Prometheus
 from tests.support.rawnbd import RawClient
 from tests.support.servers import free_port
 
@@ -529,69 +530,6 @@ def test_node_without_workers_counts_its_own_requests(tmp_path: Path) -> None:
 # ---- a real Prometheus ----------------------------------------------------------------------
 
 
-class Prometheus:
-    def __init__(self, workdir: Path, target_port: int) -> None:
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            "  - job_name: nbdcsi\n"
-            "    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{target_port}']\n"
-        )
-        self.log = workdir / "prometheus.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={workdir / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
-            return bytes(r.read())
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited: {self.log.read_text()[-2000:]}")
-        try:
-            self.get("/-/ready")
-            return True
-        except OSError:
-            return False
-
-    def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
-        """An instant query: [(labels, value)]."""
-        body = json.loads(self.get("/api/v1/query?" + urllib.parse.urlencode({"query": promql})))
-        assert body["status"] == "success", body
-        return [(r["metric"], float(r["value"][1])) for r in body["data"]["result"]]
-
-    def value(self, promql: str) -> float | None:
-        result = self.query(promql)
-        return result[0][1] if len(result) == 1 else None
-
-    def wait_value(self, promql: str, done: Callable[[float | None], bool]) -> float | None:
-        return poll(lambda: self.value(promql), done, 45, f"query {promql}", step=0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 def test_prometheus_scrapes_the_node_and_answers_queries(
@@ -638,7 +576,7 @@ def test_prometheus_scrapes_the_node_and_answers_queries(
         assert prom.wait_value(
             'nbdcsi_tenant_provisioned_bytes{tenant="tenant-p"}', lambda v: v == 24 * MiB
         )
-        assert len(prom.query("sum by (tenant) (nbdcsi_volume_size_bytes)")) == 2
+        assert len(prom.samples("sum by (tenant) (nbdcsi_volume_size_bytes)")) == 2
         capacity = prom.wait_value("nbdcsi_node_capacity_bytes", lambda v: v is not None)
         assert capacity is not None and capacity > 0
         assert prom.wait_value("nbdcsi_node_attachments", lambda v: v == 2) == 2
