@@ -207,9 +207,15 @@ class StorageNode:
         self.service = VolumeService(self.store, self.dataplane, self.settings, self._executor)
         await self.service.recover()
 
+        # Bind now, so a taken port fails the start at once; listen only when everything is
+        # up (below): until then clients are refused, so an open NBD port means a ready node.
+        family = socket.AF_INET6 if ":" in config.nbd_host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._listener = socket.create_server((config.nbd_host, config.nbd_port), backlog=1024)
+            self._listener.bind((config.nbd_host, config.nbd_port))
         except OSError as exc:
+            self._listener.close()
             raise StartupError(
                 f"cannot listen on {config.nbd_host}:{config.nbd_port}: {exc.strerror}"
             ) from None
@@ -244,8 +250,9 @@ class StorageNode:
                 await self._start_worker(i)
 
         await grpc_server.start()
-        loop.add_reader(self._listener.fileno(), self._accept)
         metrics_port = await self._start_metrics()
+        self._listener.listen(1024)
+        loop.add_reader(self._listener.fileno(), self._accept)
         self._banner(api_port, metrics_port)
         await stop.wait()
         await self.shutdown(grpc_server)
