@@ -69,7 +69,7 @@ PAYLOAD_POOL_BYTES = 64 * 1024 * 1024
 # notes on the activity board every BOARD_PERIOD.
 ACTIVE_TENANT_WINDOW = 0.05
 BOARD_PERIOD = 0.01
-SHARED_TURN = 4
+SHARED_TURN = 2
 SHARED_TURN_PAUSE = 0.0005
 # Unparsed bytes a connection waiting for its turn may buffer before we stop reading it.
 TURN_BACKLOG = 64 * 1024
