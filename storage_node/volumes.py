@@ -446,6 +446,8 @@ class VolumeService:
         self, tenant: str, page_size: int, token: str
     ) -> tuple[list[VolumeRow], str]:
         limit = self._page(page_size)
+        if tenant:
+            check_tenant(tenant)
         if token:
             check_id(token, "vol")
         rows = await self.store.run(lambda s: s.volumes(tenant, token, limit + 1))
@@ -579,6 +581,10 @@ class VolumeService:
         self, tenant: str, volume_id: str, page_size: int, token: str
     ) -> tuple[list[SnapshotRow], str]:
         limit = self._page(page_size)
+        if tenant:
+            check_tenant(tenant)
+        if volume_id:
+            check_id(volume_id, "vol")
         if token:
             check_id(token, "snap")
         rows = await self.store.run(lambda s: s.snapshots(tenant, volume_id, token, limit + 1))

@@ -543,6 +543,18 @@ BAD_INPUT = [
         "vol-0",
     ),
     Bad(
+        "list-volumes-bad-tenant",
+        lambda api, o: api.ListVolumes(pb.ListVolumesRequest(tenant="no such/tenant")),
+        Code.INVALID_ARGUMENT,
+        "no such/tenant",
+    ),
+    Bad(
+        "list-snapshots-bad-volume",
+        lambda api, o: api.ListSnapshots(pb.ListSnapshotsRequest(volume_id="disk-1")),
+        Code.INVALID_ARGUMENT,
+        "disk-1",
+    ),
+    Bad(
         "get-tenant-bad-name",
         lambda api, o: api.GetTenant(pb.GetTenantRequest(name="no such/tenant")),
         Code.INVALID_ARGUMENT,
