@@ -35,7 +35,3 @@ class FailedPrecondition(StorageError):
 
 class Aborted(StorageError):
     code = grpc.StatusCode.ABORTED
-
-
-class Unauthenticated(StorageError):
-    code = grpc.StatusCode.UNAUTHENTICATED

@@ -144,7 +144,7 @@ class Worker:
             else:
                 self.sock.send(message)
             return True
-        except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
+        except OSError:  # full (BlockingIOError) or gone (BrokenPipeError, ...)
             return False
 
     def stop(self) -> None:

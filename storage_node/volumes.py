@@ -843,9 +843,7 @@ class VolumeService:
                 if vol.source_kind in ("snapshot", "image"):
                     source = await self._source_path_for_recovery(vol)
                     if source is None:
-                        await self._update_volume(
-                            vol.id, state="failed", error="its source disappeared"
-                        )
+                        await self._update_volume(vol.id, state="failed", error=GONE)
                     else:
                         self._spawn(self._fill_in_background(vol, Path(source)))
                     continue
@@ -854,9 +852,7 @@ class VolumeService:
                         functools.partial(Store.volume, volume_id=vol.source_id)
                     )
                     if src is None:
-                        await self._update_volume(
-                            vol.id, state="failed", error="its source disappeared"
-                        )
+                        await self._update_volume(vol.id, state="failed", error=GONE)
                         continue
                     await self._io(files.clone, Path(src.path), path, vol.size)
                 elif not path.exists():

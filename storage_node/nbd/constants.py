@@ -135,9 +135,8 @@ class State(IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 
-# Size constraints ("Size constraints"). Our image files accept byte-granular I/O, but 512 is
-# what every real client uses and keeps descriptors sane; 4 KiB is the page and hole size.
-MIN_BLOCK = 512
+# Size constraints ("Size constraints"): 4 KiB is the page and hole size. (The minimum block we
+# advertise is 1: image files take any byte range; see storage_node.exports.)
 PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024
 

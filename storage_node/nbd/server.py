@@ -24,7 +24,8 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 from ..exports import Export, ExportRegistry
 from ..qos import SharedBuckets
@@ -79,6 +80,15 @@ READ_BUDGET = 64 * 1024 * 1024
 Replies = list[bytes | memoryview]
 
 
+@dataclass(slots=True)
+class IncomingWrite:
+    """A large WRITE whose payload is being received into a buffer of its own."""
+
+    head: Request
+    payload: bytearray
+    filled: int
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -98,8 +108,7 @@ class Connection(asyncio.BufferedProtocol):
         self._disconnecting = False
         self._timer: asyncio.TimerHandle | None = None
         self._sock_fd = -1
-        # A large WRITE being received directly: [header, payload buffer, bytes received].
-        self._direct: list[Any] | None = None
+        self._direct: IncomingWrite | None = None
         self._payload_pool: list[bytearray] = []
         self._held: list[Request] = []
         self._next_turn = False
@@ -149,7 +158,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
-            return memoryview(self._direct[1])[self._direct[2] :]
+            return memoryview(self._direct.payload)[self._direct.filled :]
         if self._start == self._end:
             self._start = self._end = 0
         elif self.session is not None:
@@ -165,12 +174,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct is not None:
-            self._direct[2] += nbytes
-            head, payload, filled = self._direct
-            if filled < head.length:
+            incoming = self._direct
+            incoming.filled += nbytes
+            if incoming.filled < incoming.head.length:
                 return
             self._direct = None
-            self._guarded(lambda: self._run([head._replace(payload=memoryview(payload))]))
+            write = incoming.head._replace(payload=memoryview(incoming.payload))
+            self._guarded(lambda: self._run([write]))
             return
         self._end += nbytes
         self._guarded(self._received)
@@ -223,7 +233,7 @@ class Connection(asyncio.BufferedProtocol):
         got = self._end - self._start - REQUEST_SIZE
         payload[:got] = self._view[self._start + REQUEST_SIZE : self._end]
         self._start = self._end = 0
-        self._direct = [head, payload, got]
+        self._direct = IncomingWrite(head, payload, got)
         return memoryview(payload)[got:]
 
     # -- handshake -------------------------------------------------------------------------

@@ -203,10 +203,6 @@ def read_chunk_header(cookie: int, offset: int, length: int) -> bytes:
     )
 
 
-def done_chunk(cookie: int) -> bytes:
-    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
-
-
 def error_chunk(cookie: int, error: int, message: str) -> bytes:
     text = message.encode()[:4096]
     payload = _ERROR_PAYLOAD.pack(error, len(text)) + text
