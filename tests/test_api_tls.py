@@ -3,7 +3,6 @@ a plaintext client and a client without the token do not."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,34 +10,12 @@ import pytest
 
 from storage_node.v1 import storage_node_pb2 as pb
 from storage_node.v1 import storage_node_pb2_grpc as pb_grpc
-from tests.support.servers import free_port, start_storage_node
+from tests.support.servers import free_port, self_signed_certificate, start_storage_node
 
 
 @pytest.fixture
 def tls_node(tmp_path: Path):
-    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=storage-node",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path, "storage-node")
     port = free_port()
     node = start_storage_node(
         tmp_path / "data",

@@ -20,7 +20,7 @@ import grpc
 
 from csi.v1 import csi_pb2 as pb
 from csi.v1 import csi_pb2_grpc as pb_grpc
-from tests.support.servers import REPO, free_port
+from tests.support.servers import REPO, free_port, stop_process
 
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 30.0
@@ -103,14 +103,7 @@ class Plugin:
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig`, wait for the exit (SIGKILL past the timeout); returns the exit code."""
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 def start_plugin(log_dir: Path, *args: str, endpoint: str | None = None) -> Plugin:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import signal
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,12 @@ import pytest
 from csi.config import Mode, from_args
 from csi.v1 import csi_pb2 as pb
 from tests.support.api import ApiNode, start_api_node
-from tests.support.servers import ServerHandle, free_port, start_storage_node
+from tests.support.servers import (
+    ServerHandle,
+    free_port,
+    self_signed_certificate,
+    start_storage_node,
+)
 
 from .plugin import Plugin, run_plugin, start_plugin, storage_args
 
@@ -346,41 +350,11 @@ def test_probe_follows_the_storage_node(tmp_path: Path) -> None:
         node.stop()
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHandle, int, Path]]:
     """A storage node whose management API speaks TLS only, answering already."""
     tmp = tmp_path_factory.mktemp("tls")
-    cert, key = _self_signed(tmp, "storage-node")
+    cert, key = self_signed_certificate(tmp, "storage-node")
     api_port = free_port()
     node = start_storage_node(
         tmp / "data",
@@ -418,7 +392,7 @@ def test_probe_over_tls(
     if ca == "node":
         args += ["--storage-tls-ca", str(node_cert)]
     elif ca == "other":
-        args += ["--storage-tls-ca", str(_self_signed(tmp_path, "someone-else")[0])]
+        args += ["--storage-tls-ca", str(self_signed_certificate(tmp_path, "someone-else")[0])]
     p = start_plugin(tmp_path, *args)
     try:
         assert p.probe() is ready

@@ -7,7 +7,6 @@ rule files), waiting until it is ready, querying its HTTP API, and stopping it b
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.api import poll
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
 
 Vector = list[dict[str, Any]]
 
@@ -94,10 +93,4 @@ class Prometheus:
         return poll(lambda: self.value(promql), done, 45, f"query {promql}", step=0.5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

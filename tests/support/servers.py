@@ -38,6 +38,51 @@ def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: floa
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0
+) -> int:
+    """Send `sig` (SIGTERM: graceful stop), SIGKILL past `timeout`; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1, valid one day (openssl)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
 @dataclass
 class ServerHandle:
     proc: subprocess.Popen[bytes]
@@ -52,14 +97,7 @@ class ServerHandle:
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout=timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
