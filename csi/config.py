@@ -98,6 +98,32 @@ class StorageNodeAddress:
 
 
 @dataclass(frozen=True)
+class NodeOptions:
+    """What only the node plugin uses (docs/csi-driver.md)."""
+
+    # The address storage nodes see this node's NBD connections come from; NodeGetInfo
+    # reports `NODE_ID@ADDRESS` so the controller can bind attachments to it.
+    address: str = "127.0.0.1"
+    topology: tuple[tuple[str, str], ...] = ()
+    max_volumes: int = 64
+    state_dir: Path = Path("/var/lib/nbd-csi")
+
+
+@dataclass(frozen=True)
+class KubeOptions:
+    """How the controller reaches the Kubernetes API (quotas, storage node discovery)."""
+
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
+    # NAMESPACE/NAME of the storage nodes' Service, or "" to use --storage-node only.
+    storage_node_service: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.in_cluster or self.kubeconfig is not None
+
+
+@dataclass(frozen=True)
 class Config:
     mode: Mode
     endpoint: Endpoint
@@ -106,6 +132,10 @@ class Config:
     storage_token_file: Path | None
     storage_tls_ca: Path | None
     log_level: str
+    node: NodeOptions = NodeOptions()
+    kube: KubeOptions = KubeOptions()
+    # HOST:PORT for Prometheus metrics, or None for no metrics server.
+    metrics_listen: tuple[str, int] | None = None
     driver_name: str = DRIVER_NAME
     vendor_version: str = FALLBACK_VERSION
     # How long Probe waits for each storage node's GetNodeInfo.
@@ -176,6 +206,53 @@ def parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="(default: %(default)s)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)",
+    )
+    kube = p.add_argument_group("Kubernetes API (controller: tenant quotas, discovery)")
+    kube.add_argument("--kubeconfig", type=Path, metavar="PATH", help="kubeconfig file to use")
+    kube.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="use the pod's service account (without this or --kubeconfig, quotas are off)",
+    )
+    kube.add_argument(
+        "--storage-node-service",
+        default="",
+        metavar="NAMESPACE/NAME",
+        help="find storage nodes from this Service's endpoints (port named 'api')",
+    )
+    node = p.add_argument_group("node plugin")
+    node.add_argument(
+        "--node-address",
+        default=NodeOptions.address,
+        metavar="ADDRESS",
+        help="the address storage nodes see this node's NBD connections come from "
+        "(default: %(default)s)",
+    )
+    node.add_argument(
+        "--topology",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a topology segment of this node; repeatable",
+    )
+    node.add_argument(
+        "--max-volumes",
+        type=int,
+        default=NodeOptions.max_volumes,
+        help="volumes this node may attach (default: %(default)s)",
+    )
+    node.add_argument(
+        "--state-dir",
+        type=Path,
+        default=NodeOptions.state_dir,
+        metavar="PATH",
+        help="where the node plugin records what it attached (default: %(default)s)",
+    )
     return p
 
 
@@ -196,11 +273,37 @@ def from_args(argv: list[str] | None = None) -> Config:
     ids = [n.id for n in nodes]
     if len(set(ids)) != len(ids):
         p.error(f"--storage-node ids must be unique, got {', '.join(ids)}")
-    if nodes and args.storage_token_file is None:
+    if (nodes or args.storage_node_service) and args.storage_token_file is None:
         p.error("--storage-node needs --storage-token-file (the management API wants a token)")
     node_id = args.node_id if args.node_id is not None else socket.gethostname()
     if not node_id:
         p.error("--node-id must not be empty")
+    topology = []
+    for text in args.topology:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            p.error(f"--topology {text!r} is not KEY=VALUE")
+        topology.append((key, value))
+    if args.max_volumes < 1:
+        p.error("--max-volumes must be at least 1")
+    if not args.node_address or "@" in args.node_address:
+        p.error(f"--node-address {args.node_address!r} is not an address")
+    if "@" in node_id:
+        p.error(f"--node-id {node_id!r} must not contain '@'")
+    service = args.storage_node_service
+    if service and (service.count("/") != 1 or not all(service.split("/"))):
+        p.error(f"--storage-node-service {service!r} is not NAMESPACE/NAME")
+    if args.kubeconfig is not None and args.in_cluster:
+        p.error("--kubeconfig and --in-cluster exclude each other")
+    kube_options = KubeOptions(args.kubeconfig, args.in_cluster, service)
+    if service and not kube_options.enabled:
+        p.error("--storage-node-service needs --kubeconfig or --in-cluster")
+    metrics_listen = None
+    if args.metrics_listen:
+        try:
+            metrics_listen = _host_port(args.metrics_listen)
+        except ValueError as exc:
+            p.error(f"--metrics-listen {exc}")
     return Config(
         mode=Mode(args.mode),
         endpoint=endpoint,
@@ -209,6 +312,14 @@ def from_args(argv: list[str] | None = None) -> Config:
         storage_token_file=args.storage_token_file,
         storage_tls_ca=args.storage_tls_ca,
         log_level=args.log_level,
+        node=NodeOptions(
+            address=args.node_address,
+            topology=tuple(topology),
+            max_volumes=args.max_volumes,
+            state_dir=args.state_dir,
+        ),
+        kube=kube_options,
+        metrics_listen=metrics_listen,
         vendor_version=vendor_version(),
     )
 

@@ -13,12 +13,15 @@ import logging
 import signal
 import stat
 from pathlib import Path
+from typing import Protocol
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from .config import Config, Endpoint, Mode
 from .errors import StartupError
 from .identity import AlwaysReady, IdentityServicer
+from .metrics import GrpcMetrics, MetricsServer
 from .storage_nodes import StorageNodes
 from .v1 import csi_pb2_grpc as pb_grpc
 
@@ -42,8 +45,12 @@ def prepare_unix_socket(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def build_server(config: Config, storage_nodes: StorageNodes) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+def build_server(
+    config: Config, storage_nodes: StorageNodes, registry: CollectorRegistry
+) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[GrpcMetrics(registry)], options=[("grpc.so_reuseport", 0)]
+    )
     # The controller needs its storage nodes; a node plugin does not (it learns where to
     # connect from each volume's publish_context), so in node mode it is ready once it runs:
     # tying it to the storage nodes would make livenessprobe restart it in a loop.
@@ -51,9 +58,13 @@ def build_server(config: Config, storage_nodes: StorageNodes) -> grpc.aio.Server
     pb_grpc.add_IdentityServicer_to_server(
         IdentityServicer(config.driver_name, config.vendor_version, readiness), server
     )
-    # The Controller (mode controller/all) and Node (mode node/all) services are registered
-    # here once they exist; until then their RPCs answer UNIMPLEMENTED.
     return server
+
+
+class Service(Protocol):
+    """What the Controller and Node modules hand back from their `start`."""
+
+    async def close(self) -> None: ...
 
 
 def bind(server: grpc.aio.Server, endpoint: Endpoint) -> None:
@@ -69,10 +80,32 @@ def bind(server: grpc.aio.Server, endpoint: Endpoint) -> None:
 
 async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
+    registry = CollectorRegistry(auto_describe=True)
     storage_nodes = StorageNodes.from_config(config)
+    services: list[Service] = []
+    metrics = MetricsServer(registry)
     try:
-        server = build_server(config, storage_nodes)
+        server = build_server(config, storage_nodes, registry)
+        if config.mode in (Mode.CONTROLLER, Mode.ALL):
+            from . import controller
+
+            control = await controller.start(config, storage_nodes, registry)
+            services.append(control)
+            pb_grpc.add_ControllerServicer_to_server(control.servicer, server)
+        if config.mode in (Mode.NODE, Mode.ALL):
+            from . import node
+
+            node_service = await node.start(config, registry)
+            services.append(node_service)
+            pb_grpc.add_NodeServicer_to_server(node_service.servicer, server)
         bind(server, config.endpoint)
+        if config.metrics_listen is not None:
+            host, port = config.metrics_listen
+            try:
+                bound = metrics.serve(host, port)
+            except OSError as exc:
+                raise StartupError(f"--metrics-listen {host}:{port}: {exc.strerror}") from None
+            log.info("metrics on http://%s:%d/metrics", host, bound)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -90,6 +123,9 @@ async def serve(config: Config) -> None:
         log.info("shutting down: %.0f s for calls in flight", config.shutdown_grace)
         await server.stop(config.shutdown_grace)
     finally:
+        for service in reversed(services):
+            await service.close()
+        metrics.close()
         await storage_nodes.close()
     log.info("stopped")
 
