@@ -51,6 +51,14 @@ class ResourceExhausted(CsiError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfRange(CsiError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unavailable(CsiError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 # A storage node's own status, seen from the CO. The node's answer about the request itself
 # (not found, already exists, quota...) passes through; a failure of the plugin's access to
 # the node (wrong token, rejected by the node) is the plugin's problem, not the caller's

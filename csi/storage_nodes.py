@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -26,6 +27,9 @@ log = logging.getLogger("csi.storage_nodes")
 
 # A node that comes back should be seen again within seconds, not after grpc's default
 # reconnect backoff (up to two minutes), since Probe's answer drives liveness restarts.
+# Long enough for a clone or an image import on the node; the CO's own deadline still applies.
+CALL_TIMEOUT = 120.0
+
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
@@ -50,18 +54,29 @@ class StorageNodeClient:
             )
         self.stub = pb_grpc.StorageNodeStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
+        self._topology: dict[str, str] | None = None
 
     @property
     def id(self) -> str:
         return self.address.id
 
-    async def node_info(self, timeout: float) -> pb.NodeInfo:
+    async def topology(self) -> dict[str, str]:
+        """The node's topology segments (asked once; they come from its command line)."""
+        if self._topology is None:
+            self._topology = dict((await self.node_info(CALL_TIMEOUT)).topology)
+        return self._topology
+
+    async def call(self, method: str, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """One management API call; a failed call raises StorageNodeError with its status."""
         try:
-            reply: pb.NodeInfo = await self.stub.GetNodeInfo(
-                pb.GetNodeInfoRequest(), metadata=self._metadata, timeout=timeout
+            return await getattr(self.stub, method)(
+                request, metadata=self._metadata, timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise StorageNodeError(self.id, exc.code(), exc.details() or "") from None
+
+    async def node_info(self, timeout: float) -> pb.NodeInfo:
+        reply: pb.NodeInfo = await self.call("GetNodeInfo", pb.GetNodeInfoRequest(), timeout)
         return reply
 
     async def close(self) -> None:
@@ -71,15 +86,29 @@ class StorageNodeClient:
 class StorageNodes:
     """The storage nodes this plugin was configured with, by id."""
 
-    def __init__(self, clients: list[StorageNodeClient], probe_timeout: float) -> None:
+    def __init__(
+        self,
+        clients: list[StorageNodeClient],
+        probe_timeout: float,
+        token: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self._clients = {c.id: c for c in clients}
         self.probe_timeout = probe_timeout
+        self._token = token
+        self._credentials = credentials
+        # Ids seen through discovery that are not in the Service now: volumes on them still
+        # exist, so their ids must not be taken for unknown ones.
+        self._away: dict[str, StorageNodeClient] = {}
+        self.discovered = False
 
     @classmethod
     def from_config(cls, config: Config) -> StorageNodes:
         """Read the token (and CA) once; raises StartupError when they are unusable."""
         clients: list[StorageNodeClient] = []
-        if config.storage_nodes:
+        token = ""
+        credentials = None
+        if config.storage_nodes or config.kube.storage_node_service:
             assert config.storage_token_file is not None  # from_args requires it
             token = _read_text(config.storage_token_file, "--storage-token-file").strip()
             if not token:
@@ -89,10 +118,43 @@ class StorageNodes:
                 ca = _read_text(config.storage_tls_ca, "--storage-tls-ca").encode()
                 credentials = grpc.ssl_channel_credentials(root_certificates=ca)
             clients = [StorageNodeClient(a, token, credentials) for a in config.storage_nodes]
-        return cls(clients, config.probe_timeout)
+        return cls(clients, config.probe_timeout, token, credentials)
 
     def __iter__(self) -> Iterator[StorageNodeClient]:
-        return iter(self._clients.values())
+        """The nodes in service, in the order of their ids."""
+        return iter(sorted(self._clients.values(), key=lambda c: c.id))
+
+    def get(self, node_id: str) -> StorageNodeClient | None:
+        return self._clients.get(node_id) or self._away.get(node_id)
+
+    async def discover(self, targets: list[str]) -> None:
+        """Make the nodes at `targets` (HOST:PORT from the Service's endpoints) the nodes in
+        service; each one's id is what its GetNodeInfo says."""
+        self.discovered = True
+        by_target = {c.address.target: c for c in [*self._clients.values(), *self._away.values()]}
+        current: dict[str, StorageNodeClient] = {}
+        for target in targets:
+            client = by_target.get(target)
+            if client is None:
+                host, _, port = target.rpartition(":")
+                probe = StorageNodeAddress("pending", host.strip("[]"), int(port))
+                client = StorageNodeClient(probe, self._token, self._credentials)
+                try:
+                    info = await client.node_info(self.probe_timeout)
+                except StorageNodeError as exc:
+                    log.warning("storage node at %s not added: %s", target, exc)
+                    await client.close()
+                    continue
+                client.address = StorageNodeAddress(info.node_id, probe.host, probe.port)
+                log.info("storage node %s found at %s", info.node_id, target)
+            current[client.id] = client
+        for node_id, client in self._clients.items():
+            if node_id not in current:
+                log.warning("storage node %s left the service", node_id)
+                self._away[node_id] = client
+        for node_id in current:
+            self._away.pop(node_id, None)
+        self._clients = current
 
     async def ready(self) -> bool:
         """True when there is at least one node and every node answers GetNodeInfo in time.
@@ -113,7 +175,7 @@ class StorageNodes:
         return ready
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self))
+        await asyncio.gather(*(c.close() for c in [*self._clients.values(), *self._away.values()]))
 
 
 def _read_text(path: Path, option: str) -> str:

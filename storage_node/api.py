@@ -163,7 +163,7 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
         self, request: pb.ListVolumesRequest, context: Any
     ) -> pb.ListVolumesResponse:
         rows, token = await self.service.list_volumes(
-            request.tenant, request.page_size, request.page_token
+            request.tenant, request.page_size, request.page_token, request.name
         )
         return pb.ListVolumesResponse(volumes=[volume_pb(v) for v in rows], next_page_token=token)
 
@@ -198,7 +198,7 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
         self, request: pb.ListSnapshotsRequest, context: Any
     ) -> pb.ListSnapshotsResponse:
         rows, token = await self.service.list_snapshots(
-            request.tenant, request.volume_id, request.page_size, request.page_token
+            request.tenant, request.volume_id, request.page_size, request.page_token, request.name
         )
         return pb.ListSnapshotsResponse(
             snapshots=[snapshot_pb(s) for s in rows], next_page_token=token

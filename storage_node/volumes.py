@@ -443,13 +443,17 @@ class VolumeService:
         return row
 
     async def list_volumes(
-        self, tenant: str, page_size: int, token: str
+        self, tenant: str, page_size: int, token: str, name: str = ""
     ) -> tuple[list[VolumeRow], str]:
         limit = self._page(page_size)
         if tenant:
             check_tenant(tenant)
         if token:
             check_id(token, "vol")
+        if name:
+            check_name(name)
+            row = await self.store.run(lambda s: s.volume_by_name(name))
+            return [row] if row is not None and tenant in ("", row.tenant) else [], ""
         rows = await self.store.run(lambda s: s.volumes(tenant, token, limit + 1))
         return rows[:limit], rows[limit - 1].id if len(rows) > limit else ""
 
@@ -578,7 +582,7 @@ class VolumeService:
         return row
 
     async def list_snapshots(
-        self, tenant: str, volume_id: str, page_size: int, token: str
+        self, tenant: str, volume_id: str, page_size: int, token: str, name: str = ""
     ) -> tuple[list[SnapshotRow], str]:
         limit = self._page(page_size)
         if tenant:
@@ -587,6 +591,16 @@ class VolumeService:
             check_id(volume_id, "vol")
         if token:
             check_id(token, "snap")
+        if name:
+            check_name(name)
+            row = await self.store.run(lambda s: s.snapshot_by_name(name))
+            if (
+                row is None
+                or tenant not in ("", row.tenant)
+                or volume_id not in ("", row.volume_id)
+            ):
+                return [], ""
+            return [row], ""
         rows = await self.store.run(lambda s: s.snapshots(tenant, volume_id, token, limit + 1))
         return rows[:limit], rows[limit - 1].id if len(rows) > limit else ""
 

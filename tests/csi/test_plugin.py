@@ -264,16 +264,20 @@ def test_capabilities_and_services_per_mode(tmp_path: Path, mode: str) -> None:
         # The spec: every instance of one version reports the same set, whichever RPCs it
         # serves, so CONTROLLER_SERVICE is there in node mode too.
         assert capability_set(reply) == EXPECTED_CAPABILITIES
-        # Controller and Node are not written yet: not registered, so UNIMPLEMENTED.
-        for call in (
-            lambda: p.controller.ControllerGetCapabilities(
+        # A service the mode does not serve is not registered: UNIMPLEMENTED.
+        calls = {
+            "controller": lambda: p.controller.ControllerGetCapabilities(
                 pb.ControllerGetCapabilitiesRequest(), timeout=30
             ),
-            lambda: p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=30),
-        ):
-            with pytest.raises(grpc.RpcError) as info:
-                call()
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            "node": lambda: p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=30),
+        }
+        for service, call in calls.items():
+            if mode in (service, "all"):
+                assert call().capabilities
+            else:
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         assert p.stop() == 0, p.log_text()
 
