@@ -1,0 +1,286 @@
+"""Tenant quotas, storage node discovery and metrics of the CSI controller.
+
+Owns what the conformance suite does not: the controller reading TenantQuota objects and
+EndpointSlices through the real `kubernetes` client from the Kubernetes API stand-in
+(tests/support/kube_api.py), enforcing quotas across two real storage nodes without races (50
+concurrent CreateVolume calls for one tenant), writing usage into the objects' status and into
+its metrics, and keeping the attachment credential out of its log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi.v1 import csi_pb2 as pb
+from storage_node.v1 import storage_node_pb2 as sn
+from tests.support.api import poll
+from tests.support.kube_api import KubeApi, endpoint_slice, tenant_quota
+from tests.support.servers import free_port
+
+from .controller_fixtures import (
+    BLOCK,
+    CALL_TIMEOUT,
+    MiB,
+    Pool,
+    expect_error,
+    in_zone,
+    start_pool,
+    stop_pool,
+    unique_name,
+)
+from .plugin import start_plugin
+
+TENANT = "team-a"
+TENANT_PARAMS = {"csi.storage.k8s.io/pvc/namespace": TENANT}
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[KubeApi]:
+    with KubeApi() as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pool(
+    tmp_path_factory: pytest.TempPathFactory, kube: KubeApi, metrics_port: int
+) -> Iterator[Pool]:
+    base = tmp_path_factory.mktemp("quota-pool")
+    kubeconfig = kube.write_kubeconfig(base / "kubeconfig")
+    p = start_pool(
+        base,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+    )
+    try:
+        yield p
+    finally:
+        stop_pool(p)
+
+
+def create(
+    pool: Pool, tenant: str, size: int = MiB, name: str | None = None, **kw: Any
+) -> pb.Volume:
+    return pool.create(
+        name=name, size=size, parameters={"csi.storage.k8s.io/pvc/namespace": tenant}, **kw
+    )
+
+
+def tenant_usage(pool: Pool, tenant: str) -> sn.TenantUsage:
+    """Summed over both storage nodes, read from the nodes themselves."""
+    total = sn.TenantUsage()
+    for node in pool.nodes.values():
+        usage = node.api.GetTenant(sn.GetTenantRequest(name=tenant)).usage
+        total.provisioned_bytes += usage.provisioned_bytes
+        total.volumes += usage.volumes
+        total.snapshots += usage.snapshots
+    return total
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def test_fifty_concurrent_creates_never_pass_the_quota(pool: Pool, kube: KubeApi) -> None:
+    # 10 MiB of capacity, 6 volumes: the count is the tighter limit for 1 MiB volumes.
+    kube.put(tenant_quota("race", capacity="10Mi", volumes=6))
+    names = [unique_name() for _ in range(50)]
+
+    def one(i: int) -> Any:
+        # Half of them pinned to each storage node's zone: the quota must hold across nodes.
+        zone = in_zone("zone-a" if i % 2 else "zone-b")
+        try:
+            return create(pool, "race", name=names[i], accessibility_requirements=zone)
+        except grpc.RpcError as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(50) as executor:
+        results = list(executor.map(one, range(50)))
+    created = [r for r in results if isinstance(r, pb.Volume)]
+    refused = [r for r in results if not isinstance(r, pb.Volume)]
+    assert len(created) == 6, [r.details() for r in refused][:3]
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "tenant 'race'" in error.details() and "6 of its 6 volumes" in error.details()
+    assert tenant_usage(pool, "race").volumes == 6
+    assert {v.volume_id.split(":")[0] for v in created} == {"sn-a", "sn-b"}
+
+
+def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -> None:
+    kube.put(tenant_quota(TENANT, capacity="8Mi", snapshots=1))
+    volume = create(pool, TENANT, size=3 * MiB)
+    pool.snapshot(volume.volume_id)  # 3 MiB more: 6 of 8 MiB
+    error = expect_error(
+        pool.controller.CreateSnapshot,
+        pb.CreateSnapshotRequest(name=unique_name("snap"), source_volume_id=volume.volume_id),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    # Checked in order: the capacity is the first limit a second 3 MiB snapshot passes.
+    assert "capacity quota" in error.details() or "snapshots" in error.details()
+    error = expect_error(
+        pool.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name=unique_name(),
+            capacity_range=pb.CapacityRange(required_bytes=4 * MiB),
+            volume_capabilities=[BLOCK],
+            parameters=TENANT_PARAMS,
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert "needs 4.0 MiB" in error.details() and "6.0 MiB of its 8.0 MiB" in error.details()
+    assert "TenantQuota storage" in error.details()
+    expect_error(
+        pool.controller.ControllerExpandVolume,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=6 * MiB)
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    # Within the quota it grows.
+    reply = pool.controller.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=5 * MiB)
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    assert reply.capacity_bytes == 5 * MiB
+
+
+def test_usage_reaches_status_and_metrics(pool: Pool, kube: KubeApi, metrics_port: int) -> None:
+    kube.put(tenant_quota("shown", capacity="1Gi", volumes=10, iops=5000))
+    volumes = [create(pool, "shown", size=2 * MiB) for _ in range(2)]
+
+    def status() -> Any:
+        obj = kube.get("nbd.csi.dev/v1alpha1", "TenantQuota", "shown", "storage")
+        used = (obj or {}).get("status", {}).get("used")
+        return used if used and used.get("volumes") == 2 else None
+
+    used = poll(status, lambda u: u is not None, 30, "usage in the TenantQuota status")
+    assert used["capacityBytes"] == 4 * MiB and used["capacity"] == "4Mi"
+    text = scrape(metrics_port)
+    assert 'nbdcsi_tenant_quota_used{resource="volumes",tenant="shown"} 2.0' in text
+    assert (
+        'nbdcsi_tenant_quota_limit{resource="capacity_bytes",tenant="shown"} 1.073741824e+09'
+        in (text)
+    )
+    assert 'nbdcsi_grpc_calls_total{code="OK",method="Controller/CreateVolume"}' in text
+    assert "nbdcsi_grpc_call_duration_seconds_bucket" in text
+    # The tenant's IOPS ceiling went to the storage node as the tenant's own limit.
+    node, _ = pool.node_of(volumes[0].volume_id)
+    limits = node.api.GetTenant(sn.GetTenantRequest(name="shown")).limits
+    assert limits.qos.iops == 5000 and limits.volumes == 10
+
+    for v in volumes:
+        pool.controller.DeleteVolume(
+            pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=CALL_TIMEOUT
+        )
+    poll(status, lambda u: u is None, 30, "usage back to 0 volumes")
+
+
+def test_several_objects_the_lowest_value_wins(pool: Pool, kube: KubeApi) -> None:
+    kube.put(tenant_quota("strict", name="a", volumes=5))
+    kube.put(tenant_quota("strict", name="b", volumes=1))
+    create(pool, "strict")
+    error = expect_error(
+        pool.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name=unique_name(),
+            volume_capabilities=[BLOCK],
+            capacity_range=pb.CapacityRange(required_bytes=MiB),
+            parameters={"csi.storage.k8s.io/pvc/namespace": "strict"},
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert "1 of its 1 volumes" in error.details() and "TenantQuota a, b" in error.details()
+
+
+def test_no_quota_no_limit_and_idempotent_retries_are_free(pool: Pool, kube: KubeApi) -> None:
+    for _ in range(3):
+        create(pool, "free")
+    kube.put(tenant_quota("retry", volumes=1))
+    name = unique_name()
+    first = create(pool, "retry", name=name)
+    # The provisioner retries with the same name: the same volume, not a quota error.
+    assert create(pool, "retry", name=name).volume_id == first.volume_id
+
+
+def test_an_invalid_quota_object_refuses_instead_of_lifting(pool: Pool, kube: KubeApi) -> None:
+    # Written past the API server's validation (e.g. an older CRD): the controller must not
+    # read it as "no limit".
+    obj = tenant_quota("broken", capacity="lots")
+    with kube._lock:  # put() validates against the CRD like a real server; bypass it
+        kube._objects[("TenantQuota", "broken", "storage")] = {
+            **obj,
+            "metadata": {**obj["metadata"], "uid": "x", "resourceVersion": "1", "generation": 1},
+        }
+    error = expect_error(
+        pool.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name=unique_name(),
+            volume_capabilities=[BLOCK],
+            parameters={"csi.storage.k8s.io/pvc/namespace": "broken"},
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert "TenantQuota broken/storage is invalid" in error.details()
+
+
+def test_the_credential_never_reaches_the_log(pool: Pool) -> None:
+    volume = create(pool, "logs")
+    context = pool.publish(volume.volume_id, "node-a@127.0.0.1")
+    export = context["nbd.csi.dev/export"]
+    assert export and "." in export
+    secret = export.split(".", 1)[1]
+    assert secret not in pool.plugin.log_text()
+
+
+def test_storage_nodes_found_from_a_service(tmp_path: Path, pool: Pool, kube: KubeApi) -> None:
+    """--storage-node-service: the nodes come from the Service's EndpointSlices (port `api`),
+    their ids from their own GetNodeInfo."""
+    for node_id, node in pool.nodes.items():
+        kube.put(endpoint_slice("nbd-csi", "storage", [("127.0.0.1", node.api_port)], node_id))
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    plugin = start_plugin(
+        tmp_path,
+        "--mode",
+        "controller",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--storage-node-service",
+        "nbd-csi/storage",
+        "--storage-token-file",
+        str(pool.nodes["sn-a"].data_dir / "api-token"),
+    )
+    try:
+        plugin.wait_probe(True)
+        reply = plugin.controller.CreateVolume(
+            pb.CreateVolumeRequest(
+                name=unique_name(),
+                volume_capabilities=[BLOCK],
+                capacity_range=pb.CapacityRange(required_bytes=MiB),
+            ),
+            timeout=CALL_TIMEOUT,
+        )
+        assert reply.volume.volume_id.split(":")[0] in ("sn-a", "sn-b")
+        # A volume made by the statically configured controller is known here too.
+        other = create(pool, "found")
+        got = plugin.controller.ControllerGetVolume(
+            pb.ControllerGetVolumeRequest(volume_id=other.volume_id), timeout=CALL_TIMEOUT
+        )
+        assert got.volume.volume_id == other.volume_id
+    finally:
+        assert plugin.stop() == 0, plugin.log_text()
