@@ -130,7 +130,7 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
     # Checked in order: the capacity is the first limit a second 3 MiB snapshot passes.
-    assert "capacity quota" in error.details() or "snapshots" in error.details()
+    assert "capacity quota" in str(error.details()) or "snapshots" in str(error.details())
     error = expect_error(
         pool.controller.CreateVolume,
         pb.CreateVolumeRequest(
@@ -141,8 +141,10 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
         ),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
-    assert "needs 4.0 MiB" in error.details() and "6.0 MiB of its 8.0 MiB" in error.details()
-    assert "TenantQuota storage" in error.details()
+    assert "needs 4.0 MiB" in str(error.details()) and "6.0 MiB of its 8.0 MiB" in str(
+        error.details()
+    )
+    assert "TenantQuota storage" in str(error.details())
     expect_error(
         pool.controller.ControllerExpandVolume,
         pb.ControllerExpandVolumeRequest(
@@ -205,7 +207,9 @@ def test_several_objects_the_lowest_value_wins(pool: Pool, kube: KubeApi) -> Non
         ),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
-    assert "1 of its 1 volumes" in error.details() and "TenantQuota a, b" in error.details()
+    assert "1 of its 1 volumes" in str(error.details()) and "TenantQuota a, b" in str(
+        error.details()
+    )
 
 
 def test_no_quota_no_limit_and_idempotent_retries_are_free(pool: Pool, kube: KubeApi) -> None:
@@ -236,7 +240,7 @@ def test_an_invalid_quota_object_refuses_instead_of_lifting(pool: Pool, kube: Ku
         ),
         grpc.StatusCode.UNAVAILABLE,
     )
-    assert "TenantQuota broken/storage is invalid" in error.details()
+    assert "TenantQuota broken/storage is invalid" in str(error.details())
 
 
 def test_the_credential_never_reaches_the_log(pool: Pool) -> None:
