@@ -413,7 +413,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 node,
                 capacity_bytes=size,
                 volumes=1,
-                what=f"volume {request.name!r} ({human(size)})",
+                what=f"volume {request.name!r}",
             ):
                 volume = await node.call(
                     "CreateVolume",
@@ -812,7 +812,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 node,
                 capacity_bytes=volume.size_bytes,
                 snapshots=1,
-                what=f"snapshot {request.name!r} ({human(volume.size_bytes)})",
+                what=f"snapshot {request.name!r}",
             ):
                 snap = await node.call(
                     "CreateSnapshot",
@@ -904,7 +904,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     volume.tenant,
                     node,
                     capacity_bytes=grow,
-                    what=f"growing volume {request.volume_id} by {human(grow)}",
+                    what=f"growing volume {request.volume_id}",
                 ):
                     volume = await node.call(
                         "ExpandVolume", sn.ExpandVolumeRequest(volume_id=volume.id, size_bytes=size)
