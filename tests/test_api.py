@@ -655,6 +655,25 @@ def test_list_volumes_and_snapshots_page_by_page(api: Api) -> None:
     assert sorted(_pages(list_volumes, 0)) == sorted(vols)
 
 
+def test_list_by_name_finds_at_most_one(api: Api) -> None:
+    """The CSI controller looks a name up on every node before it creates anything."""
+    tenant = unique("by-name")
+    name = unique("named")
+    vol = api.create_volume(name, 4 * MiB, tenant)
+    snap_name = unique("named-snap")
+    snap = api.CreateSnapshot(pb.CreateSnapshotRequest(name=snap_name, volume_id=vol.id))
+    found = api.ListVolumes(pb.ListVolumesRequest(name=name)).volumes
+    assert [v.id for v in found] == [vol.id]
+    assert [v.id for v in api.ListVolumes(pb.ListVolumesRequest(name=name, tenant=tenant)).volumes]
+    assert not api.ListVolumes(pb.ListVolumesRequest(name=name, tenant=tenant + "-x")).volumes
+    assert not api.ListVolumes(pb.ListVolumesRequest(name=unique("nothing"))).volumes
+    request = pb.ListSnapshotsRequest(name=snap_name, volume_id=vol.id)
+    assert [s.id for s in api.ListSnapshots(request).snapshots] == [snap.id]
+    other = api.create_volume(unique("named-other"), 4 * MiB, tenant)
+    request = pb.ListSnapshotsRequest(name=snap_name, volume_id=other.id)
+    assert not api.ListSnapshots(request).snapshots
+
+
 # ---- tenant limits ------------------------------------------------------------------------
 
 
