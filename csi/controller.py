@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,6 +54,7 @@ log = logging.getLogger("csi.controller")
 T = TypeVar("T")
 
 BLOCK = 4096
+MAX_SIZE = 1 << 46  # the storage node's largest volume, 64 TiB
 DEFAULT_SIZE = 1 << 30  # no capacity range: 1 GiB (the spec leaves it to the plugin)
 MAX_NAME = 128
 # How long CreateVolume waits for a clone that the storage node fills in the background; past
@@ -124,12 +127,21 @@ def require(value: Any, field: str) -> None:
         raise InvalidArgument(f"{field} is required")
 
 
-def check_name(name: str, what: str) -> None:
+def check_name(name: str, what: str) -> str:
+    """Check a CSI name and return the name the storage node keeps for it.
+
+    CSI names are up to 128 bytes of any Unicode but control characters (csi-spec, "Size
+    Limits" and CreateVolumeRequest.name); the storage node takes printable names without
+    spaces. Names it takes are kept as they are, so they show in its metrics; any other is
+    kept as a digest of itself, which maps each name to one storage node name."""
     require(name, what)
-    if len(name) > MAX_NAME or not name.isprintable() or any(c.isspace() for c in name):
-        raise InvalidArgument(
-            f"{what} must be 1 to {MAX_NAME} printable characters without spaces, got {name!r}"
-        )
+    if len(name.encode()) > MAX_NAME:
+        raise InvalidArgument(f"{what} is {len(name.encode())} bytes; at most {MAX_NAME} allowed")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidArgument(f"{what} must not contain control characters, got {name!r}")
+    if name.isprintable() and not any(c.isspace() for c in name) and not name.startswith("~"):
+        return name
+    return "~" + hashlib.sha256(name.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,8 @@ def size_for(capacity: pb.CapacityRange | None, source_size: int = 0, current: i
     size = -(-max(required, source_size, current) // BLOCK) * BLOCK
     if not required and not source_size and not current:
         size = min(DEFAULT_SIZE, limit // BLOCK * BLOCK) if limit else DEFAULT_SIZE
+    if size > MAX_SIZE:
+        raise OutOfRange(f"{size} bytes is more than the largest volume, {human(MAX_SIZE)}")
     if size == 0 or (limit and size > limit):
         raise OutOfRange(
             f"no size in 4 KiB steps fits between {required} and {limit} bytes"
@@ -221,6 +235,17 @@ def qos_parameters(parameters: dict[str, str], base: sn.Qos | None = None) -> sn
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
     return qos
+
+
+def check_mutable(parameters: dict[str, str]) -> dict[str, str]:
+    unknown = [k for k in parameters if k not in QOS_PARAMETERS]
+    if unknown:
+        raise InvalidArgument(
+            f"mutable parameters {', '.join(sorted(unknown))} are not supported "
+            f"(supported: {', '.join(QOS_PARAMETERS)})"
+        )
+    qos_parameters(parameters)  # every value checked before anything changes
+    return parameters
 
 
 def split_id(value: str, kind: str) -> tuple[str, str] | None:
@@ -377,7 +402,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     async def CreateVolume(
         self, request: pb.CreateVolumeRequest, context: Any
     ) -> pb.CreateVolumeResponse:
-        check_name(request.name, "name")
+        name = check_name(request.name, "name")
         require(request.volume_capabilities, "volume_capabilities")
         access = Access.of(request.volume_capabilities)
         parameters = dict(request.parameters)
@@ -387,7 +412,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 f"unknown parameters {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(QOS_PARAMETERS)})"
             )
-        qos = qos_parameters(parameters)
+        # A VolumeAttributesClass's parameters take precedence over the StorageClass's
+        # (csi-spec, CreateVolumeRequest.mutable_parameters).
+        qos = qos_parameters({**parameters, **check_mutable(dict(request.mutable_parameters))})
         tenant = parameters.get(PVC_NAMESPACE) or DEFAULT_TENANT
         labels = {k: v for k, v in parameters.items() if k in (PVC_NAMESPACE, PVC_NAME, PV_NAME)}
         labels.update(access.labels())
@@ -395,10 +422,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
         with self.inflight.guard(f"volume name {request.name}"):
             source_node, source, source_size = await self._content_source(request, tenant)
-            existing = await self._by_name("ListVolumes", request.name)
+            existing = await self._by_name("ListVolumes", name)
             if existing is not None:
                 node, volume = existing
-                self._check_same_volume(request, node, volume, access, tenant, source, capacity)
+                self._check_same_volume(
+                    request, node, volume, access, tenant, source, capacity, qos
+                )
                 volume = await self._wait_ready(node, volume)
                 return pb.CreateVolumeResponse(
                     volume=self._csi_volume(node, volume, await node.topology())
@@ -418,7 +447,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 volume = await node.call(
                     "CreateVolume",
                     sn.CreateVolumeRequest(
-                        name=request.name,
+                        name=name,
                         tenant=tenant,
                         size_bytes=size,
                         source=source,
@@ -476,6 +505,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         tenant: str,
         source: sn.VolumeSource | None,
         capacity: pb.CapacityRange | None,
+        qos: sn.Qos,
     ) -> None:
         """A retried CreateVolume gets the volume it made; another request under the same
         name gets ALREADY_EXISTS (csi-spec, CreateVolume errors)."""
@@ -487,6 +517,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             differences.append("other access type or modes")
         if volume.source != want_source:
             differences.append("another content source")
+        if volume.qos != qos:
+            differences.append(f"QoS {volume.qos.iops} IOPS, {volume.qos.bytes_per_second} B/s")
         required = capacity.required_bytes if capacity is not None else 0
         limit = capacity.limit_bytes if capacity is not None else 0
         if volume.size_bytes < required or (limit and volume.size_bytes > limit):
@@ -794,10 +826,10 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     async def CreateSnapshot(
         self, request: pb.CreateSnapshotRequest, context: Any
     ) -> pb.CreateSnapshotResponse:
-        check_name(request.name, "name")
+        name = check_name(request.name, "name")
         require(request.source_volume_id, "source_volume_id")
         with self.inflight.guard(f"snapshot name {request.name}"):
-            existing = await self._by_name("ListSnapshots", request.name)
+            existing = await self._by_name("ListSnapshots", name)
             if existing is not None:
                 node, snap = existing
                 if f"{node.id}:{snap.volume_id}" != request.source_volume_id:
@@ -816,7 +848,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             ):
                 snap = await node.call(
                     "CreateSnapshot",
-                    sn.CreateSnapshotRequest(name=request.name, volume_id=volume.id),
+                    sn.CreateSnapshotRequest(name=name, volume_id=volume.id),
                 )
             log.info("snapshot %s:%s of %s created", node.id, snap.id, request.source_volume_id)
             return pb.CreateSnapshotResponse(snapshot=self._csi_snapshot(node, snap))
@@ -895,8 +927,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     ) -> pb.ControllerExpandVolumeResponse:
         require(request.volume_id, "volume_id")
         require(request.HasField("capacity_range"), "capacity_range")
+        if request.HasField("volume_capability"):
+            check_capability(request.volume_capability)
         with self.inflight.guard(request.volume_id):
             node, volume = await self._existing_volume(request.volume_id)
+            if request.HasField("volume_capability"):
+                why = Access.of_volume(volume).allows(request.volume_capability)
+                if why:
+                    raise InvalidArgument(f"volume {request.volume_id}: {why}")
             size = size_for(request.capacity_range, current=volume.size_bytes)
             if size > volume.size_bytes:
                 grow = size - volume.size_bytes
@@ -921,14 +959,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self, request: pb.ControllerModifyVolumeRequest, context: Any
     ) -> pb.ControllerModifyVolumeResponse:
         require(request.volume_id, "volume_id")
-        parameters = dict(request.mutable_parameters)
-        unknown = [k for k in parameters if k not in QOS_PARAMETERS]
-        if unknown:
-            raise InvalidArgument(
-                f"mutable parameters {', '.join(sorted(unknown))} are not supported "
-                f"(supported: {', '.join(QOS_PARAMETERS)})"
-            )
-        qos_parameters(parameters)  # every value checked before anything changes
+        require(request.mutable_parameters, "mutable_parameters")
+        parameters = check_mutable(dict(request.mutable_parameters))
         with self.inflight.guard(request.volume_id):
             node, volume = await self._existing_volume(request.volume_id)
             qos = qos_parameters(parameters, volume.qos)

@@ -7,14 +7,15 @@ once per test module. Also the small vocabulary the tests are written in: volume
 by name, unique CSI names, a helper that expects a gRPC status, and access to a CSI volume's
 object on its storage node (`STORAGE_NODE_ID:VOLUME_ID`, docs/csi-driver.md).
 
-Import the fixtures into a test module with `from .controller_fixtures import pool  # noqa`.
+A test module makes its own module-scoped fixture from `start_pool` and `stop_pool` (an
+imported fixture would shadow the test arguments for the linters).
 """
 
 from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,12 +175,3 @@ def stop_pool(pool: Pool) -> None:
     pool.plugin.stop()
     for node in pool.nodes.values():
         node.stop()
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    p = start_pool(tmp_path_factory.mktemp("pool"))
-    try:
-        yield p
-    finally:
-        stop_pool(p)

@@ -191,3 +191,16 @@ def test_endpoint_slices_by_service(kube: KubeApi, api_client: Any) -> None:
             assert e.conditions and e.conditions.ready
             found += [(e.addresses[0], p.port, p.name) for p in s.ports]
     assert sorted(found) == [("127.0.0.1", 7001, "api"), ("127.0.0.1", 7002, "api")]
+
+
+def test_fields_the_crd_does_not_declare_are_pruned(kube: KubeApi, custom: Any) -> None:
+    """As a real API server does with a structural schema (charts/nbd-csi/crds/)."""
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, "team-h", PLURAL,
+        {**tenant_quota("team-h", volumes=1, colour="blue"), "extra": 1},
+    )  # fmt: skip
+    assert created["spec"] == {"volumes": 1} and "extra" not in created
+    patched = custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, "team-h", PLURAL, "storage", {"status": {"used": {"volumes": 1, "x": 2}}}
+    )
+    assert patched["status"] == {"used": {"volumes": 1}}

@@ -134,6 +134,19 @@ def validation_problems(
     return problems
 
 
+def prune(value: Any, schema: Obj) -> Any:
+    """Drop fields the schema does not declare, as a real API server does for a CRD with a
+    structural schema (so a field the controller writes but the CRD lacks vanishes here too)."""
+    if isinstance(value, dict) and "properties" in schema:
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return value
+        props = schema["properties"]
+        return {k: prune(v, props[k]) for k, v in value.items() if k in props}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [prune(v, schema["items"]) for v in value]
+    return value
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386: objects merge key by key, null removes, anything else replaces."""
     if not isinstance(patch, dict):
@@ -288,6 +301,10 @@ class KubeApi:
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
         meta = new.setdefault("metadata", {})
         meta["namespace"], meta["name"] = key[1], key[2]
+        schema = self._schemas.get((resource.api_version, resource.kind))
+        if schema is not None:
+            metadata = new.pop("metadata")
+            new = dict(prune(new, schema), metadata=metadata)
         problems = validation_problems(resource, new, self._schemas)
         if problems:
             raise ApiError(
