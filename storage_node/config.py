@@ -75,6 +75,7 @@ class Config:
     nbd_port: int
     exports: tuple[ExportSpec, ...]
     workers: int
+    default_export: bool
     handshake_timeout: float
     shutdown_timeout: float
     log_level: str
@@ -134,6 +135,12 @@ def parser() -> argparse.ArgumentParser:
         help="name=NAME[,size=SIZE][,file=PATH][,readonly][,description=TEXT]; "
         "repeatable. size= creates DATA_DIR/images/NAME.img once and keeps it; "
         f"with no export given and an empty catalogue, {DEFAULT_EXPORT!r}",
+    )
+    p.add_argument(
+        "--no-default-export",
+        action="store_true",
+        help="never create the default export: volumes come only from the management API "
+        "(what a deployment wants: the default export needs no attachment credential)",
     )
     p.add_argument(
         "--workers",
@@ -236,6 +243,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         nbd_port=port,
         exports=exports,
         workers=args.workers,
+        default_export=not args.no_default_export,
         handshake_timeout=args.handshake_timeout,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,

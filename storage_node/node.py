@@ -60,7 +60,7 @@ def resolve_exports(config: Config, store: Store) -> list[ExportRow]:
     """Exports in the catalogue, plus what --export adds; creates new images."""
     config.images_dir.mkdir(parents=True, exist_ok=True)
     specs = list(config.exports)
-    if not specs and not store.exports():
+    if not specs and config.default_export and not store.exports():
         specs = [ExportSpec.parse(DEFAULT_EXPORT)]
     defs: dict[str, ExportRow] = {}
     for spec in specs:

@@ -1241,3 +1241,20 @@ def test_volume_from_volume_while_it_is_written(node: ApiNode, api: Api) -> None
         check.close()
     api.unpublish(clone.id)
     api.unpublish(vol.id)
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["default", "no-default-export"])
+def test_default_export_only_without_the_flag(tmp_path: Path, flag: bool) -> None:
+    """A deployment passes --no-default-export: then nothing is served without an attachment."""
+    extra = ["--no-default-export"] if flag else []
+    with api_node(tmp_path, workers=0, exports=(), extra_args=extra) as node:
+        listed = subprocess.run(
+            ["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{node.nbd_port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    if flag:
+        assert '"export-name": "demo"' not in listed.stdout, listed.stdout
+    else:
+        assert '"export-name": "demo"' in listed.stdout, listed.stdout + listed.stderr
