@@ -59,8 +59,10 @@ LABEL org.opencontainers.image.title="nbd-csi" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-# qemu-utils: qemu-img for image import (storage node). nbd-client, e2fsprogs, xfsprogs,
-# util-linux, mount: attach, format and mount volumes (node plugin). python3: Debian's 3.11.
+# qemu-utils: qemu-img for image import (storage node). e2fsprogs, xfsprogs, util-linux,
+# mount: format, grow and mount volumes (node plugin, which attaches devices over netlink by
+# itself; nbd-client stays for checking a device by hand). kmod: modprobe nbd in the chart's
+# init container. python3: Debian's 3.11.
 # Not pinned, as in the build stage: the Debian 12 release of the base decides the versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -73,6 +75,7 @@ RUN apt-get update \
         xfsprogs \
         util-linux \
         mount \
+        kmod \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log
 

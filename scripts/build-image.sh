@@ -128,6 +128,15 @@ if ((check)); then
             status=1
         fi
     done
+    # The tools the programs and the chart's init containers run (docs/image.md).
+    for tool in modprobe chown mkfs.ext4 mkfs.xfs resize2fs xfs_growfs blkid mount umount \
+        qemu-img; do
+        if ! buildah run "$ctr" -- sh -c "command -v $tool" >/dev/null; then
+            log "$tool is not in $tag"
+            status=1
+        fi
+    done
+    log "checked: the programs' tools are on PATH"
     buildah rm "$ctr" >/dev/null
     ((status == 0)) || exit "$status"
 fi

@@ -5,10 +5,10 @@ Fast checks, run by default:
     reason in the comment just above.
 (b) Static checks of what the image must be: the base is the build ARG BASE_IMAGE (default
     debian:bookworm-slim) for every stage; a build stage makes wheels with `pip wheel`; the final
-    stage installs Debian's python3 and the tools the programs run (qemu-utils, nbd-client,
-    e2fsprogs, xfsprogs, util-linux), with no recommends and no apt lists left, and no compiler,
-    debugger, pip or cache; exec-form ENTRYPOINT and CMD that start one of our programs; OCI
-    labels; no secret-looking ARG or ENV.
+    stage installs Debian's python3 and the tools the programs and the chart run (qemu-utils,
+    nbd-client, e2fsprogs, xfsprogs, util-linux, kmod), with no recommends and no apt lists
+    left, and no compiler, debugger, pip or cache; exec-form ENTRYPOINT and CMD that start one
+    of our programs; OCI labels; no secret-looking ARG or ENV.
 (c) .dockerignore lets every COPY source in and keeps .git, .venv, caches, test artifacts and
     local storage node data out.
 
@@ -39,7 +39,8 @@ BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-image.sh"
 
 DEFAULT_BASE = "debian:bookworm-slim"
 # What the programs run: qemu-img (storage node image import); nbd-client, mkfs.ext4, mkfs.xfs,
-# blkid and mount (node plugin); python3 runs both.
+# blkid and mount (node plugin); modprobe (the chart's init container loading nbd); python3
+# runs both.
 RUNTIME_PACKAGES = {
     "python3",
     "ca-certificates",
@@ -48,6 +49,7 @@ RUNTIME_PACKAGES = {
     "e2fsprogs",
     "xfsprogs",
     "util-linux",
+    "kmod",
 }
 # Never in the final image: compilers, headers, build helpers, debuggers, pip.
 FORBIDDEN_PACKAGES = {
@@ -424,3 +426,4 @@ if os.environ.get("NBD_CSI_BUILD_IMAGE") == "1":
         assert result.stdout.strip().splitlines()[-1] == tag
         assert "checking: python3 -m storage_node --help" in result.stderr
         assert "checking: python3 -m csi --help" in result.stderr
+        assert "checked: the programs' tools are on PATH" in result.stderr

@@ -7,13 +7,19 @@ as plain files, without Helm:
 - the dashboard's structure: unique panel ids, a layout without overlaps, every target with an
   expression, every template variable defined and used, every expression valid PromQL (promtool
   2.42 has no query checker, so each one goes through `promtool check rules` as a recording
-  rule), and every metric name one that docs/metrics.md documents;
+  rule), and every metric name one that docs/metrics.md documents or the CSI plugin serves;
 - against a real Prometheus (Debian's binary) on loopback, scraping a running storage node with
   two volumes in two tenants, NBD I/O from qemu-io and tenant limits set, and loaded with the
-  alert rules: every dashboard query, with its variables set to "All" and to real values,
-  returns data, every variable query finds its values, every rule evaluates without error, and
-  the two alerts this setup provokes (a tenant near its limit, a node with little provisionable
-  capacity left) become pending with the node's name in their summary (marked slow).
+  alert rules, and a second one scraping a running CSI controller plugin (`python -m csi --mode
+  controller`) that answered calls, one of them with an error: every dashboard query, with its
+  variables set to "All" and to real values, returns data from the Prometheus that has its
+  metrics, every plugin metric the dashboard uses is one the plugin serves, every variable query
+  finds its values, every rule evaluates without error, and the two alerts this setup provokes
+  (a tenant near its limit, a node with little provisionable capacity left) become pending with
+  the node's name in their summary (marked slow).
+
+Not checked against a running program yet: NbdCsiReconnectStorm, written on the node plugin's
+nbdcsi_node_reconnects_total, which the node plugin does not serve yet (PENDING_METRICS).
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from csi.v1 import csi_pb2 as csi_pb
 from storage_node.v1 import storage_node_pb2 as pb
+from tests.csi.plugin import Plugin, start_plugin, storage_args
 from tests.support.api import ApiNode, poll, start_api_node
 from tests.support.prometheus import Prometheus
 from tests.support.servers import REPO, free_port
@@ -43,11 +52,17 @@ RULE_TESTS = RULES_DIR / "nbd-csi.rules.test.yaml"
 DASHBOARD = CHART / "dashboards" / "nbd-csi.json"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 
-# The scrape job the rules expect for storage nodes (the chart can rename it).
+# The scrape jobs the rules expect (the chart's ServiceMonitors set them; it can rename the
+# storage nodes' one).
 STORAGE_NODE_JOB = "nbdcsi-storage-node"
-# Metrics the rules and dashboard may use without docs/metrics.md: Prometheus's own, and the
-# CSI node plugin's reconnect counter, which the plugin will expose later.
-NOT_STORAGE_NODE_METRICS = {"up", "ALERTS", "nbdcsi_node_reconnects_total"}
+CONTROLLER_JOB = "nbdcsi-controller"
+# Metrics the rules and dashboard may use besides the storage node's (docs/metrics.md):
+# Prometheus's own; the CSI plugin's (csi/metrics.py), which the slow test finds served by a
+# running plugin; and the node plugin's reconnect counter, which it does not serve yet.
+PROMETHEUS_METRICS = {"up", "ALERTS"}
+PLUGIN_METRICS = {"nbdcsi_grpc_calls_total", "nbdcsi_grpc_call_duration_seconds_bucket"}
+PENDING_METRICS = {"nbdcsi_node_reconnects_total"}
+NOT_STORAGE_NODE_METRICS = PROMETHEUS_METRICS | PLUGIN_METRICS | PENDING_METRICS
 DASHBOARD_VARIABLES = {"datasource", "node", "instance", "tenant", "volume"}
 # Grafana's built-in interval variable, set to what Grafana would pick for a short range.
 RATE_INTERVAL = "1m"
@@ -190,7 +205,7 @@ def test_dashboard_panel_ids_unique_and_layout_without_overlaps() -> None:
                 assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = p["title"]
     rows = [p["title"] for p in panels if p["type"] == "row"]
-    assert rows == ["Overview", "Tenants", "Volumes", "Storage nodes"]
+    assert rows == ["Overview", "Tenants", "Volumes", "Storage nodes", "CSI plugin"]
 
 
 def test_dashboard_every_panel_queries_the_chosen_datasource() -> None:
@@ -310,6 +325,29 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         node.stop()
 
 
+@dataclass
+class Controller:
+    plugin: Plugin
+    metrics_port: int
+
+
+@pytest.fixture
+def controller(setup: Setup, tmp_path: Path) -> Iterator[Controller]:
+    """The CSI controller plugin on the setup's storage node, serving its metrics."""
+    port = free_port()
+    node = setup.node
+    plugin = start_plugin(
+        tmp_path / "plugin",
+        "--mode", "controller",
+        *storage_args([("storage-test", node.api_port)], node.data_dir / "api-token"),
+        "--metrics-listen", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    try:
+        yield Controller(plugin, port)
+    finally:
+        plugin.stop()
+
+
 def qemu_io(url: str) -> None:
     result = subprocess.run(
         [
@@ -335,11 +373,27 @@ def label_values(prom: Prometheus, query: str) -> set[str]:
 @pytest.mark.slow
 @needs_prometheus
 def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
-    setup: Setup, tmp_path: Path
+    setup: Setup, controller: Controller, tmp_path: Path
 ) -> None:
     node = setup.node
     prom = Prometheus(tmp_path, setup.metrics_port, STORAGE_NODE_JOB, [RULES])
+    plugin_dir = tmp_path / "plugin-prometheus"
+    plugin_dir.mkdir()
+    plugin_prom = Prometheus(plugin_dir, controller.metrics_port, CONTROLLER_JOB)
     try:
+        # The plugin answers calls, one with an error (CreateVolume without a name).
+        plugin = controller.plugin
+        assert plugin.probe()
+        plugin.controller.ControllerGetCapabilities(csi_pb.ControllerGetCapabilitiesRequest())
+        with pytest.raises(grpc.RpcError) as failed:
+            plugin.controller.CreateVolume(csi_pb.CreateVolumeRequest())
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        poll(plugin_prom.ready, bool, 60, "prometheus (plugin) not ready", step=0.2)
+        plugin_prom.wait('nbdcsi_grpc_calls_total{code="INVALID_ARGUMENT"}', lambda r: len(r) == 1)
+        plugin_prom.wait("rate(nbdcsi_grpc_calls_total[1m])", lambda r: len(r) >= 4)
+        served = {r["metric"]["__name__"] for r in plugin_prom.vector('{__name__=~"nbdcsi_.+"}')}
+        assert served >= PLUGIN_METRICS
+
         poll(prom.ready, bool, 60, "prometheus not ready", step=0.2)
         instance = f"127.0.0.1:{setup.metrics_port}"
         up = prom.wait(f'up{{job="{STORAGE_NODE_JOB}"}}', lambda r: len(r) == 1)
@@ -376,9 +430,13 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
 
         # Every dashboard query returns data with the variables on "All" and on real values;
         # with real values, only series of the chosen tenant, volume and node.
+        def prometheus_for(expr: str) -> Prometheus:
+            return plugin_prom if metric_names(expr) & PLUGIN_METRICS else prom
+
         for chosen in (ALL, real):
             for target in targets():
-                result = prom.vector(substitute(target.expr, chosen))
+                expr = substitute(target.expr, chosen)
+                result = prometheus_for(expr).vector(expr)
                 assert result, (target.panel, target.expr, chosen)
                 if chosen is real:
                     for r in result:
@@ -429,4 +487,5 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
             f"Tenant tenant-b uses 94.12% of its capacity limit on storage node {instance}"
         )
     finally:
+        plugin_prom.stop()
         prom.stop()

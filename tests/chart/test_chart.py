@@ -1,0 +1,841 @@
+"""The Helm chart (charts/nbd-csi), rendered offline with Helm's engine (docs/install.md).
+
+Owns the proof that the chart renders, lints and is coherent, for the default values and for
+sets that change what the templates branch on (another kubelet directory, two controller
+replicas, monitoring and QoS tiers on, TLS, an own token Secret, a root storage node, optional
+objects off). For each set: `helm lint --strict` is clean; every object validates with
+kubernetes-validate (strict) against the oldest and newest Kubernetes the chart supports, or
+against the published schema facts of its custom kind; each template file holds one object
+(one kind for the QoS tiers). Across objects: the socket the registrar registers is the one
+the plugin listens on, under kubeletDir; the storage node Service's ports are the ones the
+storage nodes listen on, and it is the Service the controller discovers nodes from; the token
+Secret is mounted where the token file options point; the driver name is the same everywhere;
+every ServiceAccount exists, and the one that talks to the API is bound to what the plugin and
+sidecars need; ServiceMonitors select real Services and ports; the PrometheusRule's job is the
+ServiceMonitor's. The CRD in crds/ matches docs/tenant-quotas.md and validates its example.
+
+Each values set is rendered once per module (fixtures), so the file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped,unused-ignore]
+import pytest
+import yaml  # type: ignore[import-untyped,unused-ignore]
+
+import csi.config
+import storage_node.config
+from csi.config import DRIVER_NAME
+from tests.chart.render import (
+    CHART,
+    NAMESPACE,
+    Obj,
+    Rendered,
+    args_of,
+    containers,
+    crd_objects,
+    iter_pod_workloads,
+    lint,
+    listen_port,
+    mount_of,
+    pod_spec,
+    ports,
+    render,
+    repeated_args,
+    validate,
+    volumes,
+)
+from tests.support.servers import REPO
+
+OLDEST_KUBE, NEWEST_KUBE = "1.30.0", "1.34.0"
+
+VALUES_SETS: dict[str, Obj] = {
+    "default": {},
+    "ha-monitoring-qos": {
+        "kubeletDir": "/var/lib/k0s/kubelet",
+        "controller": {"replicas": 2},
+        "monitoring": {
+            "storageNodeJob": "storage-nodes",
+            "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "prometheusRule": {"enabled": True},
+            "dashboard": {"enabled": True},
+        },
+        "volumeAttributesClasses": {"enabled": True},
+        "storageNode": {
+            "topology": {"topology.nbd.csi.dev/zone": "a"},
+            "ports": {"nbd": 20809, "api": 20810, "metrics": 20811},
+        },
+        "node": {"topology": {"topology.nbd.csi.dev/zone": "a"}, "maxVolumes": 32},
+        "storageClasses": {"blockRwx": {"parameters": {"iops": 3000, "bandwidth": "200Mi"}}},
+    },
+    "tls-own-token-root": {
+        "tls": {"enabled": True, "secretName": "storage-api-tls"},
+        "apiToken": {"existingSecret": "my-storage-token"},
+        "storageNode": {"runAsUser": 0, "nodeSelector": {"example.com/disks": "nvme"}},
+        "node": {"loadNbdModule": False},
+        "cdi": {"storageProfile": {"enabled": False}},
+        "volumeSnapshotClass": {"enabled": False},
+        "storageClasses": {"filesystem": {"enabled": False}},
+    },
+}
+# Release names: "nbd" gets the suffix -nbd-csi; one that already says nbd-csi does not.
+RELEASES = {"default": "nbd", "ha-monitoring-qos": "nbd", "tls-own-token-root": "nbd-csi"}
+# Kubernetes versions each set is validated against (VolumeAttributesClass v1beta1 from 1.31).
+KUBE_VERSIONS = {
+    "default": (OLDEST_KUBE, NEWEST_KUBE),
+    "ha-monitoring-qos": ("1.31.0", NEWEST_KUBE),
+    "tls-own-token-root": (OLDEST_KUBE, NEWEST_KUBE),
+}
+
+
+@pytest.fixture(scope="module", params=list(VALUES_SETS))
+def chart(request: pytest.FixtureRequest) -> Rendered:
+    name: str = request.param
+    return render(VALUES_SETS[name], RELEASES[name])
+
+
+@pytest.fixture(scope="module")
+def default() -> Rendered:
+    return render({})
+
+
+@pytest.fixture(scope="module")
+def full() -> Rendered:
+    return render(VALUES_SETS["ha-monitoring-qos"])
+
+
+def values_name(rendered: Rendered) -> str:
+    return next(k for k, v in VALUES_SETS.items() if v == rendered.values)
+
+
+def fullname(rendered: Rendered) -> str:
+    """The chart's name prefix: the release name, plus -nbd-csi unless it says so already."""
+    return rendered.release if "nbd-csi" in rendered.release else f"{rendered.release}-nbd-csi"
+
+
+def kubelet_dir(rendered: Rendered) -> str:
+    return str(rendered.values.get("kubeletDir", "/var/lib/kubelet"))
+
+
+# ---- lint, validation, layout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VALUES_SETS))
+def test_lint_strict_is_clean(name: str) -> None:
+    # QoS tiers in storage.k8s.io/v1beta1 (what the default sidecars read) are deprecated from
+    # Kubernetes 1.34, which lint reports: lint that set as for the newest cluster it suits.
+    kube_version = "v1.33.0" if name == "ha-monitoring-qos" else None
+    assert lint(VALUES_SETS[name], kube_version) == []
+
+
+def test_lint_reports_deprecated_qos_tiers_on_kubernetes_1_34() -> None:
+    problems = lint(VALUES_SETS["ha-monitoring-qos"], "v1.34.0")
+    assert problems and all("VolumeAttributesClass is deprecated" in p for p in problems)
+
+
+def test_every_object_validates(chart: Rendered) -> None:
+    problems = []
+    for version in KUBE_VERSIONS[values_name(chart)]:
+        for template, obj in chart.objects:
+            for problem in validate(obj, version):
+                problems.append(f"{version} {template} {obj['kind']}: {problem}")
+    assert problems == []
+
+
+def test_one_object_per_template_file(chart: Rendered) -> None:
+    by_file: dict[str, list[Obj]] = {}
+    for template, obj in chart.objects:
+        by_file.setdefault(template, []).append(obj)
+    for template, objs in by_file.items():
+        if template == "volumeattributesclasses.yaml":  # the QoS tiers: one kind, a list
+            assert {o["kind"] for o in objs} == {"VolumeAttributesClass"}
+        else:
+            assert len(objs) == 1, template
+
+
+def test_what_each_values_set_renders(chart: Rendered) -> None:
+    kinds = sorted(o["kind"] for _, o in chart.objects)
+    common = {
+        "CSIDriver", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Deployment", "Role",
+        "RoleBinding", "Service", "ServiceAccount", "StorageClass",
+    }  # fmt: skip
+    assert common <= set(kinds)
+    assert kinds.count("DaemonSet") == 2 and kinds.count("ServiceAccount") == 3
+    name = values_name(chart)
+    if name == "default":
+        assert "Secret" in kinds and "VolumeSnapshotClass" in kinds and "StorageProfile" in kinds
+        assert kinds.count("StorageClass") == 2
+        assert not {"ServiceMonitor", "PrometheusRule", "VolumeAttributesClass"} & set(kinds)
+    if name == "ha-monitoring-qos":
+        assert kinds.count("ServiceMonitor") == 3 and kinds.count("VolumeAttributesClass") == 3
+        assert "PrometheusRule" in kinds and "ConfigMap" in kinds
+    if name == "tls-own-token-root":
+        assert not {"Secret", "StorageProfile", "VolumeSnapshotClass"} & set(kinds)
+        assert kinds.count("StorageClass") == 1
+
+
+def test_namespaced_objects_live_in_the_release_namespace(chart: Rendered) -> None:
+    cluster_scoped = {
+        "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass", "VolumeSnapshotClass",
+        "VolumeAttributesClass", "StorageProfile",
+    }  # fmt: skip
+    for _, obj in chart.objects:
+        if obj["kind"] in cluster_scoped:
+            assert "namespace" not in obj["metadata"], obj["kind"]
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
+
+
+def test_names_fit_and_carry_the_release(chart: Rendered) -> None:
+    for _, obj in chart.objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63, name
+        namespaced = ("Deployment", "DaemonSet", "Service", "ServiceAccount", "Secret")
+        own_secret = chart.values.get("apiToken", {}).get("existingSecret")
+        if obj["kind"] in namespaced and name != own_secret:
+            assert name.startswith(f"{fullname(chart)}-"), name
+    assert "nbd-csi-nbd-csi" not in json.dumps(chart.objects)
+
+
+# ---- the driver, its name and its registration --------------------------------------------
+
+
+def test_driver_name_is_the_plugins_everywhere(chart: Rendered) -> None:
+    assert DRIVER_NAME == "nbd.csi.dev"
+    driver = chart.one("CSIDriver")
+    assert driver["metadata"]["name"] == DRIVER_NAME
+    for sc in chart.all("StorageClass"):
+        assert sc["provisioner"] == DRIVER_NAME
+    for vsc in chart.all("VolumeSnapshotClass"):
+        assert vsc["driver"] == DRIVER_NAME
+    for vac in chart.all("VolumeAttributesClass"):
+        assert vac["driverName"] == DRIVER_NAME
+
+
+def test_csidriver_matches_the_plugins_capabilities(default: Rendered) -> None:
+    spec = default.one("CSIDriver")["spec"]
+    # PUBLISH_UNPUBLISH_VOLUME: the attacher must create VolumeAttachments.
+    assert spec["attachRequired"] is True
+    assert spec["podInfoOnMount"] is False
+    assert spec["volumeLifecycleModes"] == ["Persistent"]
+    assert spec["fsGroupPolicy"] == "File"
+
+
+def test_node_plugin_socket_registration_and_kubelet_paths_agree(chart: Rendered) -> None:
+    kubelet = kubelet_dir(chart)
+    node = chart.workload("node")
+    spec = pod_spec(node)
+    cs = containers(node)
+    plugin, registrar = cs["nbd-csi-plugin"], cs["node-driver-registrar"]
+    probe = cs["liveness-probe"]
+    vols = volumes(node)
+
+    endpoint = args_of(plugin)["--endpoint"]
+    assert endpoint.startswith("unix://")
+    socket = endpoint.removeprefix("unix://")
+    socket_dir, _, socket_name = socket.rpartition("/")
+    host_plugin_dir = f"{kubelet}/plugins/{DRIVER_NAME}"
+    # The plugin dir on the host is mounted where the plugin puts its socket, in every container.
+    assert vols["plugin-dir"]["hostPath"]["path"] == host_plugin_dir
+    for c in (plugin, registrar, probe):
+        assert mount_of(c, "plugin-dir")["mountPath"] == socket_dir, c["name"]
+        if c is not plugin:
+            assert args_of(c)["--csi-address"] == socket, c["name"]
+    # The kubelet is told the host path of that same socket.
+    assert args_of(registrar)["--kubelet-registration-path"] == f"{host_plugin_dir}/{socket_name}"
+    assert vols["registration-dir"]["hostPath"]["path"] == f"{kubelet}/plugins_registry"
+    assert mount_of(registrar, "registration-dir")["mountPath"] == "/registration"
+    # The kubelet directory, at the same path, with mounts flowing both ways.
+    assert vols["kubelet-dir"]["hostPath"]["path"] == kubelet
+    kubelet_mount = mount_of(plugin, "kubelet-dir")
+    assert kubelet_mount["mountPath"] == kubelet
+    assert kubelet_mount["mountPropagation"] == "Bidirectional"
+    assert kubelet not in json.dumps(chart.workload("controller"))
+    # No other path under the default kubelet dir survives a custom one.
+    if kubelet != "/var/lib/kubelet":
+        assert "/var/lib/kubelet" not in json.dumps(node)
+    # Privileged, on the host's network, with /dev and /sys.
+    assert plugin["securityContext"]["privileged"] is True
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert vols["dev"]["hostPath"]["path"] == "/dev"
+    assert mount_of(plugin, "dev")["mountPath"] == "/dev"
+    assert vols["sys"]["hostPath"]["path"] == "/sys"
+
+
+def test_node_plugin_identity_comes_from_the_downward_api(chart: Rendered) -> None:
+    for component in ("node", "storage-node"):
+        workload = chart.workload(component)
+        main = next(iter(containers(workload).values()))
+        env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in main["env"]}
+        assert env == {"NODE_NAME": "spec.nodeName", "HOST_IP": "status.hostIP"}
+        used = set(re.findall(r"\$\((\w+)\)", " ".join(main["args"])))
+        assert used == {"NODE_NAME", "HOST_IP"}, component
+    plugin = containers(chart.workload("node"))["nbd-csi-plugin"]
+    args = args_of(plugin)
+    assert args["--node-id"] == "$(NODE_NAME)" and args["--node-address"] == "$(HOST_IP)"
+    assert plugin["args"][0] == "csi" and args["--mode"] == "node"
+    assert args["--max-volumes"] == str(chart.values.get("node", {}).get("maxVolumes", 64))
+    state = volumes(chart.workload("node"))["state-dir"]["hostPath"]["path"]
+    assert state == "/var/lib/nbd-csi"
+    assert mount_of(plugin, "state-dir")["mountPath"] == args["--state-dir"]
+
+
+def test_nbd_module_loaded_by_an_init_container_unless_the_host_does(chart: Rendered) -> None:
+    node = chart.workload("node")
+    init = containers(node, init=True)
+    load = chart.values.get("node", {}).get("loadNbdModule", True)
+    if not load:
+        assert init == {} and "modules" not in volumes(node)
+        return
+    modprobe = init["load-nbd-module"]
+    max_volumes = args_of(containers(node)["nbd-csi-plugin"])["--max-volumes"]
+    assert modprobe["command"] == ["modprobe", "nbd", f"nbds_max={max_volumes}"]
+    assert modprobe["securityContext"]["privileged"] is True
+    assert mount_of(modprobe, "modules") == {
+        "name": "modules", "mountPath": "/lib/modules", "readOnly": True,
+    }  # fmt: skip
+    assert volumes(node)["modules"]["hostPath"]["path"] == "/lib/modules"
+
+
+def test_topology_is_the_same_on_storage_nodes_and_node_plugins(chart: Rendered) -> None:
+    node = repeated_args(containers(chart.workload("node"))["nbd-csi-plugin"], "--topology")
+    storage_node = containers(chart.workload("storage-node"))["storage-node"]
+    storage = repeated_args(storage_node, "--topology")
+    assert node == storage
+    if values_name(chart) == "ha-monitoring-qos":
+        assert node == ["topology.nbd.csi.dev/zone=a"]
+
+
+# ---- storage nodes, their Service, and the controller that finds them ----------------------
+
+
+def test_storage_node_service_ports_are_the_listening_ports(chart: Rendered) -> None:
+    sn = chart.workload("storage-node")
+    main = containers(sn)["storage-node"]
+    args = args_of(main)
+    assert main["args"][0] == "storage_node"
+    listening = {
+        "nbd": listen_port(args["--nbd-listen"]),
+        "api": listen_port(args["--api-listen"]),
+        "metrics": listen_port(args["--metrics-listen"]),
+    }
+    assert ports(main) == listening
+    service = chart.one("Service", sn["metadata"]["name"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == listening
+    for p in service["spec"]["ports"]:
+        assert p["targetPort"] == p["name"]
+    # The Service selects exactly the storage node pods.
+    pod_labels = sn["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert sn["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    for other in ("controller", "node"):
+        other_labels = chart.workload(other)["spec"]["template"]["metadata"]["labels"]
+        assert not service["spec"]["selector"].items() <= other_labels.items()
+    want = chart.values.get("storageNode", {}).get("ports")
+    if want:
+        assert listening == want
+
+
+def test_storage_nodes_run_where_labelled_with_their_data_dir(chart: Rendered) -> None:
+    sn = chart.workload("storage-node")
+    spec = pod_spec(sn)
+    values = chart.values.get("storageNode", {})
+    assert spec["nodeSelector"] == values.get("nodeSelector", {"nbd.csi.dev/storage-node": "true"})
+    assert spec["hostNetwork"] is True
+    main = containers(sn)["storage-node"]
+    args = args_of(main)
+    data = volumes(sn)["data"]["hostPath"]
+    assert data == {"path": "/var/lib/nbd-csi-storage", "type": "DirectoryOrCreate"}
+    assert mount_of(main, "data")["mountPath"] == args["--data-dir"]
+    assert args["--node-id"] == "$(NODE_NAME)" and args["--nbd-advertise"] == "$(HOST_IP)"
+    uid = values.get("runAsUser", 65532)
+    assert spec["securityContext"]["runAsUser"] == uid
+    init = containers(sn, init=True)
+    if uid == 0:
+        assert init == {} and spec["securityContext"]["runAsNonRoot"] is False
+    else:
+        chown = init["data-dir-owner"]
+        assert chown["command"] == ["chown", "-R", f"{uid}:{uid}", args["--data-dir"]]
+        assert chown["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_controller_discovers_the_storage_node_service(chart: Rendered) -> None:
+    controller = containers(chart.workload("controller"))["nbd-csi-plugin"]
+    args = args_of(controller)
+    assert controller["args"][0] == "csi" and args["--mode"] == "controller"
+    assert "--in-cluster" in args
+    namespace, _, name = args["--storage-node-service"].partition("/")
+    assert namespace == NAMESPACE
+    service = chart.one("Service", name)
+    assert "api" in {p["name"] for p in service["spec"]["ports"]}
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "storage-node"
+
+
+def test_api_token_secret_is_mounted_where_the_token_options_point(chart: Rendered) -> None:
+    own = chart.values.get("apiToken", {}).get("existingSecret")
+    secret_name = own or f"{fullname(chart)}-api-token"
+    if own:
+        assert chart.find("Secret", own) is None
+    else:
+        secret = chart.one("Secret", secret_name)
+        token = secret["data"]["token"]
+        assert len(token) >= 64  # base64 of 48 random characters
+    for component, container, option in (
+        ("controller", "nbd-csi-plugin", "--storage-token-file"),
+        ("storage-node", "storage-node", "--api-token-file"),
+    ):
+        workload = chart.workload(component)
+        c = containers(workload)[container]
+        token_vol = volumes(workload)["api-token"]["secret"]
+        assert token_vol["secretName"] == secret_name
+        assert args_of(c)[option] == mount_of(c, "api-token")["mountPath"] + "/token"
+    assert "api-token" not in volumes(chart.workload("node"))
+
+
+def test_tls_files_where_the_options_point(chart: Rendered) -> None:
+    tls = chart.values.get("tls", {}).get("enabled", False)
+    controller = containers(chart.workload("controller"))["nbd-csi-plugin"]
+    storage = containers(chart.workload("storage-node"))["storage-node"]
+    if not tls:
+        assert "--storage-tls-ca" not in args_of(controller)
+        assert "--tls-cert" not in args_of(storage)
+        return
+    secret = chart.values["tls"]["secretName"]
+    server_files = {"--tls-cert": "tls.crt", "--tls-key": "tls.key"}
+    for workload, c, files in (
+        (chart.workload("controller"), controller, {"--storage-tls-ca": "ca.crt"}),
+        (chart.workload("storage-node"), storage, server_files),
+    ):
+        assert volumes(workload)["tls"]["secret"]["secretName"] == secret
+        for option, file in files.items():
+            assert args_of(c)[option] == mount_of(c, "tls")["mountPath"] + "/" + file
+
+
+# ---- our programs accept what the chart passes them ---------------------------------------
+
+# What the downward API gives the pods; loopback addresses, as everywhere in the tests.
+DOWNWARD = {"NODE_NAME": "worker-1", "HOST_IP": "127.0.0.2"}
+
+
+def program_argv(container: Obj) -> tuple[str, list[str]]:
+    """The module the image's entrypoint runs (`python -m MODULE`) and its arguments, with the
+    $(VAR) references expanded as the kubelet does."""
+    module, *args = container["args"]
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: DOWNWARD[m.group(1)], a) for a in args]
+    return module, expanded
+
+
+def parsed(module: str, argv: list[str]) -> Any:
+    parse = {"csi": csi.config.from_args, "storage_node": storage_node.config.from_args}[module]
+    try:
+        return parse(argv)
+    except SystemExit as exc:  # argparse's error(): an option the program does not have
+        raise AssertionError(f"python -m {module} refuses {argv}") from exc
+
+
+def test_our_programs_accept_the_charts_arguments(chart: Rendered) -> None:
+    controller = containers(chart.workload("controller"))["nbd-csi-plugin"]
+    config = parsed(*program_argv(controller))
+    assert config.mode == csi.config.Mode.CONTROLLER
+    assert config.kube.in_cluster and config.kube.storage_node_service.startswith(NAMESPACE)
+    assert str(config.storage_token_file) == args_of(controller)["--storage-token-file"]
+    assert config.metrics_listen == ("0.0.0.0", ports(controller)["metrics"])
+
+    plugin = containers(chart.workload("node"))["nbd-csi-plugin"]
+    config = parsed(*program_argv(plugin))
+    assert config.mode == csi.config.Mode.NODE
+    assert (config.node_id, config.node.address) == ("worker-1", "127.0.0.2")
+    assert str(config.endpoint.unix_path) == args_of(plugin)["--endpoint"].removeprefix("unix://")
+    assert config.metrics_listen == ("0.0.0.0", ports(plugin)["metrics"])
+    assert str(config.node.state_dir) == "/var/lib/nbd-csi"
+
+    sn = containers(chart.workload("storage-node"))["storage-node"]
+    config = parsed(*program_argv(sn))
+    assert (config.nbd_port, config.api_port, config.metrics_port) == (
+        ports(sn)["nbd"], ports(sn)["api"], ports(sn)["metrics"],
+    )  # fmt: skip
+    assert (config.node_id, config.nbd_advertise) == ("worker-1", "127.0.0.2")
+    assert str(config.api_token_file) == args_of(sn)["--api-token-file"]
+    assert str(config.data_dir) == "/var/lib/nbd-csi-storage"
+    # Only attachments (with their credential) are served: no default export.
+    assert config.exports == () and not config.default_export
+    tls = chart.values.get("tls", {}).get("enabled", False)
+    assert (config.tls_cert is not None) == tls
+
+
+# ---- the controller's sidecars and rights ---------------------------------------------------
+
+
+def test_controller_sidecars(chart: Rendered) -> None:
+    controller = chart.workload("controller")
+    cs = containers(controller)
+    assert set(cs) == {
+        "nbd-csi-plugin", "csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter",
+        "liveness-probe",
+    }  # fmt: skip
+    socket = args_of(cs["nbd-csi-plugin"])["--endpoint"].removeprefix("unix://")
+    replicas = chart.values.get("controller", {}).get("replicas", 1)
+    vac = chart.values.get("volumeAttributesClasses", {}).get("enabled", False)
+    assert controller["spec"]["replicas"] == replicas
+    for name, c in cs.items():
+        if name == "nbd-csi-plugin":
+            continue
+        args = args_of(c)
+        assert args["--csi-address"] == socket, name
+        assert mount_of(c, "socket-dir")["mountPath"] == socket.rpartition("/")[0]
+        if name != "liveness-probe":
+            assert ("--leader-election" in args) == (replicas > 1), name
+    provisioner = args_of(cs["csi-provisioner"])
+    assert "--extra-create-metadata" in provisioner
+    assert provisioner["--default-fstype"] == "ext4"
+    gates = set(provisioner["--feature-gates"].split(","))
+    assert gates == {"Topology=true"} | ({"VolumeAttributesClass=true"} if vac else set())
+    resizer = args_of(cs["csi-resizer"])
+    assert resizer.get("--feature-gates") == ("VolumeAttributesClass=true" if vac else None)
+    assert "--extra-create-metadata" in args_of(cs["csi-snapshotter"])
+    # The liveness probe sidecar serves the port the plugin container's probe asks.
+    health = args_of(cs["liveness-probe"])["--health-port"]
+    plugin = cs["nbd-csi-plugin"]
+    assert str(ports(plugin)["healthz"]) == health
+    assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    node_cs = containers(chart.workload("node"))
+    assert (
+        str(ports(node_cs["nbd-csi-plugin"])["healthz"])
+        == args_of(node_cs["liveness-probe"])["--health-port"]
+    )
+
+
+def test_controller_runs_unprivileged(chart: Rendered) -> None:
+    controller = chart.workload("controller")
+    spec = pod_spec(controller)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 65532
+    for c in containers(controller).values():
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False, c["name"]
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c["name"]
+
+
+def rules_of(role: Obj) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples a Role or ClusterRole grants."""
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def grants(role: Obj, group: str, resource: str, *verbs: str) -> bool:
+    return all((group, resource, v) in rules_of(role) for v in verbs)
+
+
+def test_every_service_account_exists_and_the_api_user_is_bound(chart: Rendered) -> None:
+    accounts = {sa["metadata"]["name"]: sa for sa in chart.all("ServiceAccount")}
+    bound: dict[str, list[Obj]] = {}
+    for binding in chart.all("ClusterRoleBinding") + chart.all("RoleBinding"):
+        role_kind = binding["roleRef"]["kind"]
+        role = chart.one(role_kind, binding["roleRef"]["name"])  # the role exists
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount"
+            assert subject["namespace"] == NAMESPACE
+            assert subject["name"] in accounts, subject
+            bound.setdefault(subject["name"], []).append(role)
+    for workload in iter_pod_workloads(chart):
+        spec = pod_spec(workload)
+        name = spec["serviceAccountName"]
+        assert name in accounts, workload["metadata"]["name"]
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "controller":
+            assert bound.get(name), "the controller's account has no rights"
+        else:
+            # Pods that never call the API get no token and no rights.
+            assert spec["automountServiceAccountToken"] is False, component
+            assert accounts[name]["automountServiceAccountToken"] is False, component
+            assert name not in bound, component
+    assert len(accounts) == 3
+
+
+def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered) -> None:
+    name = f"{fullname(chart)}-controller"
+    cluster = chart.one("ClusterRole", name)
+    role = chart.one("Role", name)
+    # The plugin: tenant quotas everywhere, their status written; storage nodes' endpoints
+    # in the release namespace only.
+    assert grants(cluster, "nbd.csi.dev", "tenantquotas", "get", "list", "watch")
+    assert grants(cluster, "nbd.csi.dev", "tenantquotas/status", "get", "update", "patch")
+    assert not grants(cluster, "nbd.csi.dev", "tenantquotas", "update")
+    assert grants(role, "discovery.k8s.io", "endpointslices", "get", "list", "watch")
+    assert not any(g == "discovery.k8s.io" for g, _, _ in rules_of(cluster))
+    # The sidecars (their deploy/rbac.yaml).
+    assert grants(cluster, "", "persistentvolumes", "get", "list", "watch", "create", "delete")
+    assert grants(cluster, "", "persistentvolumeclaims", "get", "list", "watch", "update")
+    assert grants(cluster, "", "persistentvolumeclaims/status", "patch")
+    assert grants(cluster, "", "events", "create", "patch")
+    assert grants(cluster, "storage.k8s.io", "storageclasses", "get", "list", "watch")
+    assert grants(cluster, "storage.k8s.io", "csinodes", "get", "list", "watch")
+    assert grants(cluster, "", "nodes", "get", "list", "watch")
+    assert grants(cluster, "storage.k8s.io", "volumeattachments", "get", "list", "watch", "patch")
+    assert grants(cluster, "storage.k8s.io", "volumeattachments/status", "patch")
+    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotcontents", "update", "patch")
+    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch")
+    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotclasses", "get", "list")
+    vac = chart.values.get("volumeAttributesClasses", {}).get("enabled", False)
+    assert grants(cluster, "storage.k8s.io", "volumeattributesclasses", "get", "list") == vac
+    replicas = chart.values.get("controller", {}).get("replicas", 1)
+    assert grants(role, "coordination.k8s.io", "leases", "get", "create", "update") == (
+        replicas > 1
+    )
+    # Least privilege: no secrets, no wildcards, nothing that runs code.
+    for triple in rules_of(cluster) | rules_of(role):
+        assert "*" not in triple, triple
+        assert triple[1] not in ("secrets", "pods/exec", "serviceaccounts/token"), triple
+        if triple[1] == "pods":
+            assert triple[2] in ("list", "watch"), triple
+
+
+# ---- classes --------------------------------------------------------------------------------
+
+
+def test_storage_classes(chart: Rendered) -> None:
+    classes = {sc["metadata"]["name"]: sc for sc in chart.all("StorageClass")}
+    block = classes["nbd-block-rwx"]
+    assert block["allowVolumeExpansion"] is True
+    assert block["volumeBindingMode"] == "Immediate"
+    assert block["metadata"]["annotations"]["cdi.kubevirt.io/clone-strategy"] == "csi-clone"
+    assert "csi.storage.k8s.io/fstype" not in block.get("parameters", {})
+    params = block.get("parameters", {})
+    assert all(isinstance(v, str) for v in params.values())
+    if values_name(chart) == "ha-monitoring-qos":
+        assert params == {"iops": "3000", "bandwidth": "200Mi"}
+    if "nbd-filesystem" in classes:
+        fs = classes["nbd-filesystem"]
+        assert fs["parameters"]["csi.storage.k8s.io/fstype"] == "ext4"
+        assert fs["allowVolumeExpansion"] is True
+
+
+def test_volume_attributes_classes_are_qos_tiers(full: Rendered) -> None:
+    tiers = {c["metadata"]["name"]: c for c in full.all("VolumeAttributesClass")}
+    assert set(tiers) == {"nbd-qos-bronze", "nbd-qos-silver", "nbd-qos-gold"}
+    for tier in tiers.values():
+        assert tier["apiVersion"] == "storage.k8s.io/v1beta1"
+        assert set(tier["parameters"]) == {"iops", "bandwidth"}
+        assert tier["parameters"]["iops"].isdigit()
+        assert re.fullmatch(r"\d+(Ki|Mi|Gi)?", tier["parameters"]["bandwidth"])
+    assert tiers["nbd-qos-silver"]["parameters"]["bandwidth"] == "200Mi"
+
+
+def test_volume_attributes_classes_v1_with_newer_sidecars() -> None:
+    """Kubernetes 1.34+: the v1 API, csi-provisioner v6 and csi-resizer v2 (values.yaml)."""
+    values = {
+        "volumeAttributesClasses": {"enabled": True, "apiVersion": "storage.k8s.io/v1"},
+        "sidecars": {"provisioner": {"featureGates": []}},
+    }
+    assert lint(values, "v1.34.0") == []
+    rendered = render(values)
+    tiers = rendered.all("VolumeAttributesClass")
+    assert tiers and all(t["apiVersion"] == "storage.k8s.io/v1" for t in tiers)
+    assert [p for t in tiers for p in validate(t, "1.34.0")] == []
+    provisioner = containers(rendered.workload("controller"))["csi-provisioner"]
+    assert args_of(provisioner)["--feature-gates"] == "VolumeAttributesClass=true"
+
+
+def test_snapshot_class_and_cdi_storage_profile(default: Rendered) -> None:
+    vsc = default.one("VolumeSnapshotClass")
+    assert vsc["metadata"]["annotations"]["snapshot.storage.kubernetes.io/is-default-class"] == (
+        "true"
+    )
+    assert vsc["deletionPolicy"] == "Delete"
+    profile = default.one("StorageProfile")
+    # CDI matches a profile to its StorageClass by name.
+    assert profile["metadata"]["name"] == "nbd-block-rwx"
+    assert default.find("StorageClass", "nbd-block-rwx") is not None
+    assert profile["spec"]["claimPropertySets"] == [
+        {"accessModes": ["ReadWriteMany"], "volumeMode": "Block"},
+        {"accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem"},
+    ]
+    assert profile["spec"]["cloneStrategy"] == "csi-clone"
+    # Made before the StorageClass, so that CDI does not make an empty one first.
+    assert profile["metadata"]["annotations"]["helm.sh/hook"] == "pre-install"
+
+
+# ---- monitoring -----------------------------------------------------------------------------
+
+
+def test_service_monitors_select_real_services_and_ports(full: Rendered) -> None:
+    monitors = full.all("ServiceMonitor")
+    jobs = {}
+    for monitor in monitors:
+        spec = monitor["spec"]
+        assert spec["namespaceSelector"]["matchNames"] == [NAMESPACE]
+        selected = [
+            s
+            for s in full.all("Service")
+            if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, monitor["metadata"]["name"]
+        service = selected[0]
+        port_names = {p["name"] for p in service["spec"]["ports"]}
+        (endpoint,) = spec["endpoints"]
+        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        job = next(r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "job")
+        jobs[service["metadata"]["labels"]["app.kubernetes.io/component"]] = job
+        # The metrics port the Service names is the one the program listens on.
+        workload = full.workload(service["metadata"]["labels"]["app.kubernetes.io/component"])
+        main = next(iter(containers(workload).values()))
+        target = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+        assert listen_port(args_of(main)["--metrics-listen"]) == target["port"]
+        assert ports(main)[target["targetPort"]] == target["port"]
+    assert jobs == {
+        "storage-node": "storage-nodes",
+        "controller": "nbdcsi-controller",
+        "node": "nbdcsi-node",
+    }
+    # The alert on storage nodes being down matches the job the ServiceMonitor sets.
+    rule = full.one("PrometheusRule")
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert any('job="storage-nodes"' in e for e in exprs)
+    assert not any("nbdcsi-storage-node" in e for e in exprs)
+
+
+def test_prometheus_rule_holds_the_rule_file(full: Rendered) -> None:
+    rule_file = yaml.safe_load((CHART / "rules" / "nbd-csi.rules.yaml").read_text())
+    rendered = full.one("PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in rendered] == [g["name"] for g in rule_file["groups"]]
+    names = [r["alert"] for g in rendered for r in g["rules"]]
+    assert names == [r["alert"] for g in rule_file["groups"] for r in g["rules"]]
+
+
+def test_dashboard_configmap_holds_the_dashboard(full: Rendered) -> None:
+    (cm,) = full.all("ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(cm["data"]["nbd-csi.json"])
+    assert board == json.loads((CHART / "dashboards" / "nbd-csi.json").read_text())
+
+
+# ---- images, notes ----------------------------------------------------------------------------
+
+
+def test_images_are_ours_or_the_sidecars(chart: Rendered) -> None:
+    sidecars = {
+        v["image"] for v in yaml.safe_load((CHART / "values.yaml").read_text())["sidecars"].values()
+        if isinstance(v, dict)
+    }  # fmt: skip
+    ours = "localhost/nbd-csi:0.1.0"
+    for workload in iter_pod_workloads(chart):
+        for init in (False, True):
+            for c in containers(workload, init).values():
+                assert c["image"] == ours or c["image"] in sidecars, c["image"]
+                if c["image"] == ours and c["name"] not in ("data-dir-owner", "load-nbd-module"):
+                    assert c["args"][0] in ("csi", "storage_node"), c["name"]
+
+
+def test_notes_name_the_release_and_the_storage_node_label(chart: Rendered) -> None:
+    selector = chart.values.get("storageNode", {}).get(
+        "nodeSelector", {"nbd.csi.dev/storage-node": "true"}
+    )
+    for key, value in selector.items():
+        assert f"{key}={value}" in chart.notes
+    assert NAMESPACE in chart.notes and "XFS" in chart.notes
+
+
+# ---- the TenantQuota CRD against docs/tenant-quotas.md --------------------------------------
+
+
+def doc_example() -> Obj:
+    text = (REPO / "docs" / "tenant-quotas.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.DOTALL)
+    assert block
+    example: Obj = yaml.safe_load(block.group(1))
+    return example
+
+
+def tenant_quota_crd() -> Obj:
+    crds = [o for o in crd_objects() if o["kind"] == "CustomResourceDefinition"]
+    assert len(crds) == 1
+    return crds[0]
+
+
+def test_crd_validates_strictly() -> None:
+    for version in (OLDEST_KUBE, NEWEST_KUBE):
+        assert validate(tenant_quota_crd(), version) == []
+
+
+def test_crd_names_scope_and_subresources_as_documented() -> None:
+    crd = tenant_quota_crd()
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "tenantquotas.nbd.csi.dev"
+    assert spec["group"] == "nbd.csi.dev" and spec["scope"] == "Namespaced"
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "TenantQuota", "tenantquotas", ["tq"],
+    )  # fmt: skip
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    # Limits and usage side by side (docs/tenant-quotas.md).
+    assert {".spec.capacity", ".status.used.capacity", ".spec.volumes", ".status.used.volumes",
+            ".spec.snapshots", ".status.used.snapshots"} <= columns  # fmt: skip
+
+
+def test_crd_fields_are_the_documented_ones() -> None:
+    example = doc_example()
+    assert example["apiVersion"] == "nbd.csi.dev/v1alpha1" and example["kind"] == "TenantQuota"
+    (version,) = tenant_quota_crd()["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    assert set(schema["spec"]["properties"]) == set(example["spec"])
+    status = schema["status"]["properties"]
+    assert set(status) == set(example["status"])
+    assert set(status["used"]["properties"]) == set(example["status"]["used"])
+    for quantity in ("capacity", "bandwidth"):
+        field = schema["spec"]["properties"][quantity]
+        assert field["x-kubernetes-int-or-string"] is True
+        assert field["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    for count in ("volumes", "snapshots", "iops"):
+        assert schema["spec"]["properties"][count]["type"] == "integer"
+
+
+def crd_validator() -> Any:
+    (version,) = tenant_quota_crd()["spec"]["versions"]
+    return jsonschema.Draft4Validator(version["schema"]["openAPIV3Schema"])
+
+
+def test_crd_accepts_the_documented_example() -> None:
+    errors = [e.message for e in crd_validator().iter_errors(doc_example())]
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "spec, ok",
+    [
+        ({"capacity": "500Gi"}, True),
+        ({"capacity": "1.5T"}, True),
+        ({"capacity": 4096}, True),
+        ({"bandwidth": "400Mi", "iops": 0}, True),
+        ({}, True),
+        ({"capacity": "lots"}, False),
+        ({"capacity": "-1Gi"}, False),
+        ({"bandwidth": "400MiB"}, False),
+        ({"volumes": -1}, False),
+        ({"volumes": "20"}, False),
+        ({"iops": 1.5}, False),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
+)
+def test_crd_schema_checks_values(spec: Obj, ok: bool) -> None:
+    obj = {
+        "apiVersion": "nbd.csi.dev/v1alpha1",
+        "kind": "TenantQuota",
+        "metadata": {"name": "q", "namespace": "team-a"},
+        "spec": spec,
+    }
+    assert (not list(crd_validator().iter_errors(obj))) == ok
