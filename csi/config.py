@@ -107,6 +107,12 @@ class NodeOptions:
     topology: tuple[tuple[str, str], ...] = ()
     max_volumes: int = 64
     state_dir: Path = Path("/var/lib/nbd-csi")
+    # Kernel NBD (docs/csi-node.md): connections per device when the storage node allows
+    # several; seconds before an unanswered request counts its connection as dead (it is then
+    # sent again on a new one); seconds requests wait for a reconnect before they fail.
+    nbd_connections: int = 4
+    nbd_io_timeout: int = 10
+    nbd_dead_timeout: int = 120
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,30 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where the node plugin records what it attached (default: %(default)s)",
     )
+    node.add_argument(
+        "--nbd-connections",
+        type=int,
+        default=NodeOptions.nbd_connections,
+        metavar="N",
+        help="NBD connections per device when the storage node allows several "
+        "(default: %(default)s)",
+    )
+    node.add_argument(
+        "--nbd-io-timeout",
+        type=int,
+        default=NodeOptions.nbd_io_timeout,
+        metavar="SECONDS",
+        help="a request unanswered this long marks its connection dead; it is sent again on "
+        "a new one (default: %(default)s)",
+    )
+    node.add_argument(
+        "--nbd-dead-timeout",
+        type=int,
+        default=NodeOptions.nbd_dead_timeout,
+        metavar="SECONDS",
+        help="how long I/O waits for a lost connection to be replaced before it fails "
+        "(default: %(default)s)",
+    )
     return p
 
 
@@ -286,6 +316,10 @@ def from_args(argv: list[str] | None = None) -> Config:
         topology.append((key, value))
     if args.max_volumes < 1:
         p.error("--max-volumes must be at least 1")
+    if not 1 <= args.nbd_connections <= 16:
+        p.error("--nbd-connections must be 1 to 16")
+    if args.nbd_io_timeout < 1 or args.nbd_dead_timeout < 1:
+        p.error("--nbd-io-timeout and --nbd-dead-timeout must be at least 1 second")
     if not args.node_address or "@" in args.node_address:
         p.error(f"--node-address {args.node_address!r} is not an address")
     if "@" in node_id:
@@ -317,6 +351,9 @@ def from_args(argv: list[str] | None = None) -> Config:
             topology=tuple(topology),
             max_volumes=args.max_volumes,
             state_dir=args.state_dir,
+            nbd_connections=args.nbd_connections,
+            nbd_io_timeout=args.nbd_io_timeout,
+            nbd_dead_timeout=args.nbd_dead_timeout,
         ),
         kube=kube_options,
         metrics_listen=metrics_listen,

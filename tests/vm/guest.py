@@ -42,6 +42,18 @@ MODULES = (
     "nbd",
     "qemu_fw_cfg",
 )
+# A guest that runs the host's own tree (tests/vm/guest_init_hostroot.sh) also needs 9p over
+# virtio, overlayfs, and the filesystems the node plugin makes.
+HOSTROOT_MODULES = (
+    *MODULES,
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "crc32c_generic",
+    "ext4",
+    "xfs",
+)
+HOSTROOT_INIT_SCRIPT = Path(__file__).with_name("guest_init_hostroot.sh")
 EXIT_MARKER = re.compile(r"^NBDCSI-GUEST-EXIT rc=(\d+)\s*$", re.MULTILINE)
 # fw_cfg names live under opt/ and must be unique to the project (QEMU docs, "fw_cfg").
 FW_CFG_PREFIX = "opt/nbdcsi/"
@@ -204,15 +216,22 @@ def _copy_with_libs(binary: Path, root: Path) -> None:
         shutil.copy2(src.resolve(), dest)
 
 
-def build_initramfs(cache_dir: Path, kernel: Kernel) -> Path:
-    """Build (once per cache_dir) a gzip'd newc initramfs and return its path.
+def build_initramfs(
+    cache_dir: Path,
+    kernel: Kernel,
+    *,
+    modules: Sequence[str] = MODULES,
+    init_script: Path = INIT_SCRIPT,
+    variant: str = "",
+) -> Path:
+    """Build (once per cache_dir and variant) a gzip'd newc initramfs and return its path.
 
     gzip level 1: under TCG, loading twice the bytes costs more than decompressing them.
     """
-    out = cache_dir / f"initramfs-{kernel.release}.cpio.gz"
+    out = cache_dir / f"initramfs-{kernel.release}{variant}.cpio.gz"
     if out.is_file():
         return out
-    root = cache_dir / "root"
+    root = cache_dir / f"root{variant}"
     if root.exists():
         shutil.rmtree(root)
     for d in ("bin", "dev", "proc", "sys", "tmp", "run", "lib/modules"):
@@ -237,13 +256,13 @@ def build_initramfs(cache_dir: Path, kernel: Kernel) -> Path:
     _copy_with_libs(Path(nbd_client), root)
 
     names = []
-    for name, path in module_load_order(kernel):
+    for name, path in module_load_order(kernel, modules):
         (root / "lib/modules" / f"{name}.ko").write_bytes(_read_module(path))
         names.append(name)
     (root / "lib/modules/load-order").write_text("\n".join(names) + "\n")
 
     init = root / "init"
-    shutil.copy2(INIT_SCRIPT, init)
+    shutil.copy2(init_script, init)
     init.chmod(0o755)
 
     entries = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
@@ -282,6 +301,7 @@ class GuestImage:
         memory_mb: int = 384,
         cpus: int = 1,
         timeout: float = 180.0,
+        host_root: bool = False,
     ) -> GuestResult:
         """Boot, run `script` with sh inside the guest, power off; never longer than timeout.
 
@@ -291,6 +311,9 @@ class GuestImage:
         files: read-only data the script finds as /run/nbdcsi/NAME (its working directory), a
         block device padded to 512 bytes. Data goes in as a virtio disk, not through fw_cfg:
         reading fw_cfg from sysfs moves only tens of KiB per second under TCG.
+        host_root: share the host's / read-only over 9p; the image's init (built with
+        build_hostroot_initramfs) runs the script with bash inside it, over a tmpfs overlay,
+        so the guest runs the host's Python and the project's own code.
         """
         workdir.mkdir(parents=True, exist_ok=True)
         cmd_file = workdir / "guest-cmd.sh"
@@ -303,6 +326,13 @@ class GuestImage:
         argv = self.qemu_argv(
             cmd_file, nbd_port=nbd_port, drives=drives, files=disks, memory_mb=memory_mb, cpus=cpus
         )
+        if host_root:
+            argv += [
+                "-fsdev",
+                "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+                "-device",
+                "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            ]
         (workdir / "qemu-argv.txt").write_text("\n".join(argv) + "\n")
         with open(console, "wb") as out:
             proc = subprocess.Popen(
@@ -388,6 +418,17 @@ class GuestImage:
                 f"virtio-blk-pci,drive=file{i},serial={name}",
             ]
         return argv
+
+
+def build_hostroot_initramfs(cache_dir: Path, kernel: Kernel) -> Path:
+    """The initramfs of guests that run the host's tree (GuestImage.run(host_root=True))."""
+    return build_initramfs(
+        cache_dir,
+        kernel,
+        modules=HOSTROOT_MODULES,
+        init_script=HOSTROOT_INIT_SCRIPT,
+        variant="-hostroot",
+    )
 
 
 def _padded_copy(src: Path, dest: Path) -> Path:

@@ -1,0 +1,276 @@
+"""Filesystems and mounts on the node: probe, format, mount, bind, unmount, grow, measure.
+
+Owns every subprocess the Node service runs (util-linux `blkid`, `mount`, `umount`;
+e2fsprogs `mkfs.ext4`, `resize2fs`; xfsprogs `mkfs.xfs`, `xfs_growfs`) behind `Runner`, and
+the reading of /proc/self/mountinfo (what is mounted where, and what still holds a device).
+Everything blocking runs in a subprocess or an executor thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger("csi.mounts")
+T = TypeVar("T")
+
+FILESYSTEMS = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+
+
+class CommandError(Exception):
+    def __init__(self, argv: Sequence[str], code: int, output: str) -> None:
+        super().__init__(f"{' '.join(argv)} exited {code}: {output.strip()[-500:]}")
+        self.argv = list(argv)
+        self.code = code
+        self.output = output
+
+
+class Runner:
+    """Runs a command to completion; output is kept for the error message."""
+
+    async def run(self, *argv: str, ok: Sequence[int] = (0,)) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        code = proc.returncode if proc.returncode is not None else -1
+        text = out.decode(errors="replace")
+        if code not in ok:
+            raise CommandError(argv, code, text)
+        return code, text
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo (proc(5))."""
+
+    mount_id: int
+    major_minor: str
+    root: str
+    mount_point: str
+    options: tuple[str, ...]
+    fs_type: str
+    source: str
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040...)."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if not sep or len(fields) < 6 or len(rest) < 2:
+            continue
+        entries.append(
+            MountEntry(
+                mount_id=int(fields[0]),
+                major_minor=fields[2],
+                root=_unescape(fields[3]),
+                mount_point=_unescape(fields[4]),
+                options=tuple(fields[5].split(",")),
+                fs_type=rest[0],
+                source=_unescape(rest[1]),
+            )
+        )
+    return entries
+
+
+@dataclass(frozen=True)
+class Usage:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    free_inodes: int
+    used_inodes: int
+
+
+class Mounter:
+    """The node's filesystem operations. `mountinfo` is a path so tests can read another."""
+
+    def __init__(
+        self, runner: Runner | None = None, mountinfo: Path = Path("/proc/self/mountinfo")
+    ) -> None:
+        self.runner = runner or Runner()
+        self.mountinfo = mountinfo
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mounts")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _thread(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- reading state -------------------------------------------------------------------
+
+    def _entries(self) -> list[MountEntry]:
+        return parse_mountinfo(self.mountinfo.read_text())
+
+    async def entries(self) -> list[MountEntry]:
+        return await self._thread(self._entries)
+
+    async def mounted_at(self, path: str) -> MountEntry | None:
+        """The topmost mount at `path`, or None."""
+        real = os.path.realpath(path)
+        found = [e for e in await self.entries() if e.mount_point == real]
+        return found[-1] if found else None
+
+    async def holders(self, device: str) -> list[str]:
+        """Where `device` is in use: filesystem mounts of it, bind mounts of its device node,
+        and kernel holders (device-mapper, md). Empty when nothing holds it."""
+
+        def scan() -> list[str]:
+            try:
+                rdev = os.stat(device).st_rdev
+            except FileNotFoundError:
+                return []
+            number = f"{os.major(rdev)}:{os.minor(rdev)}"
+            name = os.path.basename(device)
+            found = []
+            for e in self._entries():
+                if e.major_minor == number:
+                    found.append(f"mounted at {e.mount_point}")
+                elif e.fs_type == "devtmpfs" and e.root == f"/{name}":
+                    found.append(f"bound onto {e.mount_point}")
+            holders = Path("/sys/class/block") / name / "holders"
+            if holders.is_dir():
+                found += [f"held by {h.name}" for h in holders.iterdir()]
+            return found
+
+        return await self._thread(scan)
+
+    async def probe(self, device: str) -> tuple[str, str] | None:
+        """What blkid finds on the device, low-level probe (no cache): ("TYPE", value) for a
+        filesystem, ("PTTYPE", value) for a partition table, None for a blank device."""
+        code, out = await self.runner.run(
+            "blkid", "-p", "-o", "export", device, ok=(0, 2)
+        )  # 2: nothing found
+        if code == 2:
+            return None
+        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        for key in ("TYPE", "PTTYPE"):
+            if key in values:
+                return key, values[key]
+        return "UNKNOWN", ",".join(sorted(values))
+
+    async def usage(self, path: str) -> Usage:
+        st = await self._thread(os.statvfs, path)
+        return Usage(
+            total_bytes=st.f_blocks * st.f_frsize,
+            available_bytes=st.f_bavail * st.f_frsize,
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            total_inodes=st.f_files,
+            free_inodes=st.f_ffree,
+            used_inodes=st.f_files - st.f_ffree,
+        )
+
+    async def device_size(self, device: str) -> int:
+        _, out = await self.runner.run("blockdev", "--getsize64", device)
+        return int(out.strip())
+
+    # -- changing state ------------------------------------------------------------------
+
+    async def mkfs(self, device: str, fs_type: str) -> None:
+        if fs_type == "ext4":
+            # No -F: mke2fs then refuses a device that holds something after all.
+            await self.runner.run("mkfs.ext4", "-q", "-m", "0", device)
+        elif fs_type == "xfs":
+            await self.runner.run("mkfs.xfs", "-q", device)
+        else:
+            raise ValueError(f"cannot make a {fs_type} filesystem")
+        log.info("made a %s filesystem on %s", fs_type, device)
+
+    async def mount(self, device: str, target: str, fs_type: str, options: Sequence[str]) -> None:
+        opts = list(options)
+        if fs_type == "xfs" and "nouuid" not in opts:
+            # Clones and snapshots of one volume share the filesystem's UUID.
+            opts.append("nouuid")
+        argv = ["mount", "-t", fs_type]
+        if opts:
+            argv += ["-o", ",".join(opts)]
+        await self.runner.run(*argv, device, target)
+
+    async def bind(self, source: str, target: str, readonly: bool, flags: Sequence[str]) -> None:
+        await self.runner.run("mount", "--bind", source, target)
+        extra = [f for f in flags if f not in ("bind", "rw", "ro", "defaults")]
+        if readonly or extra:
+            # A bind mount takes ro and most flags only on a remount of the bind itself.
+            opts = ["remount", "bind", "ro" if readonly else "rw", *extra]
+            try:
+                await self.runner.run("mount", "-o", ",".join(opts), target)
+            except CommandError:
+                await self.runner.run("umount", target)
+                raise
+
+    async def umount(self, target: str) -> None:
+        await self.runner.run("umount", target)
+
+    async def grow(self, device: str, mount_point: str, fs_type: str) -> None:
+        """Grow a mounted filesystem to its device's size (both grow online)."""
+        if fs_type == "ext4":
+            await self.runner.run("resize2fs", device)
+        elif fs_type == "xfs":
+            await self.runner.run("xfs_growfs", mount_point)
+        else:
+            raise ValueError(f"cannot grow a {fs_type} filesystem")
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def make_dir(self, path: str) -> None:
+        await self._thread(lambda: os.makedirs(path, mode=0o750, exist_ok=True))
+
+    async def make_file(self, path: str) -> None:
+        """An empty regular file to bind a block device onto (the CO expects us to make it)."""
+
+        def touch() -> None:
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o640)
+            os.close(fd)
+
+        await self._thread(touch)
+
+    async def remove(self, path: str) -> None:
+        """Remove the (unmounted) target of a publish: an empty directory or a file."""
+
+        def rm() -> None:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+
+        await self._thread(rm)
+
+    async def exists(self, path: str) -> bool:
+        return await self._thread(os.path.lexists, path)

@@ -1,0 +1,214 @@
+"""The node plugin on a real kernel NBD client: one qemu-system guest (TCG, Debian's kernel)
+running the plugin's own code from the host tree over 9p, against our storage node on the host.
+
+Owns the end-to-end path the host tests cannot run (tests/csi/test_node_service.py has no
+kernel NBD): NodeStage attaching /dev/nbdX through netlink with two connections, Block publish,
+data written in the VM and read back on the host with an independent NBD client, ext4 made,
+mounted, grown online after the storage node grew the volume, staged again with its data; fio
+on the raw device while the plugin is killed and restarted (it takes the device back) and then
+while the storage node is killed and restarted (the plugin reconnects the same device, fio sees
+no I/O error; the blackout is measured from the plugin's metrics and printed); 200 stage /
+unstage cycles that leave no configured or extra /dev/nbdX behind.
+
+The guest drives the plugin through tests/vm/node_plugin_guest.py and asks the host for what
+only the host can do with `NBDCSI-REQUEST` lines on its console, which this test follows.
+Attachments are made the way the controller will: CreateVolume then Publish to 127.0.0.1 (the
+guest's connections reach the storage node through QEMU's guestfwd, from 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi.attach import CTX_EXPORT, CTX_HOST, CTX_PORT, CTX_READONLY
+from storage_node.v1 import storage_node_pb2 as spb
+from tests.support.api import ApiNode, start_api_node
+from tests.vm.guest import (
+    GUEST_NBD_ADDR,
+    GUEST_NBD_PORT,
+    GuestImage,
+    GuestResult,
+    build_hostroot_initramfs,
+)
+
+pytestmark = pytest.mark.vm
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+BLOCK_SIZE = 64 * MiB
+FS_SIZE, FS_GROWN = 64 * MiB, 96 * MiB
+CYCLES = 200
+SEED = 4242
+# Requests in flight when a connection breaks are sent again after this many seconds: it
+# bounds the longest I/O the VM sees across a storage node restart (docs/csi-node.md).
+IO_TIMEOUT = 4
+REQUEST = re.compile(r"^NBDCSI-REQUEST (\S+)\s*$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def hostroot_image(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
+    cache = tmp_path_factory.mktemp("vm-hostroot")
+    return GuestImage(guest_image.kernel, build_hostroot_initramfs(cache, guest_image.kernel))
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[ApiNode]:
+    node = start_api_node(tmp_path / "storage", workers=0, node_id="storage-vm")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def attachment(storage: ApiNode, name: str, size: int) -> dict[str, object]:
+    """What ControllerPublishVolume will put in publish_context, seen from the guest."""
+    api = storage.api
+    volume = api.wait_volume(api.create_volume(name, size).id)
+    att = api.publish(volume.id, "vm-node", "127.0.0.1")
+    assert att.nbd_port == storage.nbd_port
+    return {
+        "id": f"storage-vm:{volume.id}",
+        "backend": volume.id,
+        "size": size,
+        "uri": att.uri,
+        "context": {
+            CTX_HOST: GUEST_NBD_ADDR,
+            CTX_PORT: str(GUEST_NBD_PORT),
+            CTX_EXPORT: att.export_name,
+            CTX_READONLY: "false",
+        },
+    }
+
+
+def follow(console: Path, done: threading.Event, handle: dict[str, object]) -> list[str]:
+    """Act on each NBDCSI-REQUEST the guest prints, once, until the guest is done."""
+    handled: list[str] = []
+    while not done.wait(0.1):
+        text = console.read_text(errors="replace") if console.exists() else ""
+        for what in REQUEST.findall(text)[len(handled) :]:
+            handled.append(what)
+            action = handle.get(what)
+            assert callable(action), f"guest asked for unknown {what!r}"
+            action()
+    return handled
+
+
+def results(result: GuestResult) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for m in re.finditer(r"^RESULT (\S+) ?(.*?)\s*$", result.output, re.MULTILINE):
+        found[m.group(1)] = m.group(2)
+    return found
+
+
+def test_node_plugin_on_kernel_nbd(
+    hostroot_image: GuestImage, storage: ApiNode, tmp_path: Path
+) -> None:
+    block = attachment(storage, "vm-block", BLOCK_SIZE)
+    fs = attachment(storage, "vm-ext4", FS_SIZE)
+    cycle = attachment(storage, "vm-cycle", 16 * MiB)
+    spec = {
+        "block": block,
+        "fs": fs,
+        "cycle": cycle,
+        "fs_grown_size": FS_GROWN,
+        "cycles": CYCLES,
+        "seed": SEED,
+        "io_timeout": IO_TIMEOUT,
+        "nbd_port": GUEST_NBD_PORT,
+        "fio_seconds": 25,
+    }
+    script = (
+        f"cd {shlex.quote(str(REPO))}\n"
+        f"export PYTHONPATH={shlex.quote(str(REPO))} PYTHONDONTWRITEBYTECODE=1\n"
+        f"exec {shlex.quote(sys.executable)} -u tests/vm/node_plugin_guest.py "
+        f"{shlex.quote(json.dumps(spec))}\n"
+    )
+    restarts: list[float] = []
+
+    def expand() -> None:
+        storage.api.ExpandVolume(
+            spb.ExpandVolumeRequest(volume_id=str(fs["backend"]), size_bytes=FS_GROWN)
+        )
+
+    def restart_storage() -> None:
+        t = time.monotonic()
+        storage.kill_tree()  # a crash: no goodbye to the clients
+        storage.start()
+        restarts.append(time.monotonic() - t)
+
+    workdir = tmp_path / "guest"
+    done = threading.Event()
+    outcome: list[GuestResult] = []
+
+    def boot() -> None:
+        try:
+            outcome.append(
+                hostroot_image.run(
+                    script,
+                    workdir,
+                    nbd_port=storage.nbd_port,
+                    memory_mb=1024,
+                    timeout=420,
+                    host_root=True,
+                )
+            )
+        finally:
+            done.set()
+
+    runner = threading.Thread(target=boot)
+    runner.start()
+    try:
+        handled = follow(
+            workdir / "console.log", done, {"expand": expand, "restart-storage": restart_storage}
+        )
+    finally:
+        runner.join()
+    result = outcome[0]
+    got = results(result)
+    print(
+        f"\nnode plugin in the VM: plugin start {got.get('plugin_start_seconds')}s, restart "
+        f"{got.get('plugin_restart_seconds')}s; storage node restart took "
+        f"{restarts[0] if restarts else '?'}s on the host; connection blackout "
+        f"{got.get('blackout_seconds')}s, longest I/O in the VM "
+        f"{got.get('fio_longest_io_seconds')}s (request timeout {IO_TIMEOUT}s); "
+        f"{got.get('cycles')} stage/unstage cycles in {got.get('cycles_seconds')}s"
+    )
+    assert not result.timed_out, result.explain(120)
+    assert result.exit_code == 0, result.explain(120)
+    assert handled == ["expand", "restart-storage"]
+    assert got["block_backend"] == f"nbd.csi.dev/{block['id']}"
+    assert got["block_connections"] == "2", "multi-conn: two connections per device"
+    assert int(got["expanded_bytes"]) >= FS_GROWN
+    assert float(got["reconnects"]) >= 1
+    assert float(got["blackout_seconds"]) > 0
+    assert got["fio_rc"] == "0" and got["fio_errors"] == "0", result.explain(120)
+    assert int(got["fio_ios"]) > 0
+    assert float(got["fio_longest_io_seconds"]) < 90, "an I/O waited past the dead timeout"
+    assert "I/O error" not in result.output, result.explain(120)
+    assert got["configured_after_unstage"] == "0"
+    assert got["cycles"] == str(CYCLES)
+    assert got["configured_after_cycles"] == "0"
+    assert got["nbd_devices_grew"] == "0"
+    assert got["state_files_left"] == "0"
+    assert got["plugin_exit"] == "0"
+
+    # What the VM wrote is on the storage node, read by an independent NBD client.
+    import random
+
+    rng = random.Random(SEED)
+    layout = ((0, 64 * 1024), (MiB + 12 * 1024, 192 * 1024), (BLOCK_SIZE - 128 * 1024, 128 * 1024))
+    image = subprocess.run(
+        ["nbdcopy", "--synchronous", str(block["uri"]), "-"], capture_output=True, check=True
+    ).stdout
+    for offset, length in layout:
+        assert image[offset : offset + length] == rng.randbytes(length), f"bytes at {offset}"
