@@ -255,7 +255,9 @@ def test_worker_crash_is_replaced_and_data_survives(node):
         assert RawClient(node.port).connect("disk").call(READ, 1, 0, 4096).data == b"\x77" * 4096
 
 
-def test_graceful_shutdown_finishes_inflight_and_refuses_new(node):
+def test_graceful_shutdown_finishes_inflight_and_leaves_new_unanswered(node):
+    """Requests read after SIGTERM get no reply at all (not NBD_ESHUTDOWN, which the kernel's
+    client turns into an I/O error in the VM): a reconnecting client sends them again."""
     c = RawClient(node.port).connect("disk")
     payloads = {}
     for i in range(64):
@@ -277,7 +279,7 @@ def test_graceful_shutdown_finishes_inflight_and_refuses_new(node):
     except (ConnectionError, OSError):
         pass
     assert node.proc.wait(30) == 0
-    assert set(replies.values()) <= {0, ESHUTDOWN}, replies
+    assert set(replies.values()) == {0}, replies
     assert all(replies.get(i) == 0 for i in payloads), "in-flight writes finished"
     image = (node.data_dir / "images" / "disk.img").read_bytes()
     for i, data in payloads.items():

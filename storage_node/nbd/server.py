@@ -3,7 +3,7 @@
 Owns the asyncio side of NBD for one process: a `Connection` per client (an
 asyncio.BufferedProtocol reading into one preallocated buffer), the handshake timeout, the
 per-connection caps (requests in flight, buffered bytes), and the ordered shutdown
-(stop accepting, answer new requests NBD_ESHUTDOWN, finish in flight, flush, close).
+(stop accepting, leave new requests unanswered, finish in flight, flush, close).
 The wire format lives in handshake.py and transmission.py; bytes on disk in backends.
 
 Where I/O runs (shared/PERFORMANCE.md):
@@ -337,9 +337,10 @@ class Connection(asyncio.BufferedProtocol):
             self._disconnecting = True
             return
         if self.server.shutting_down:
-            out.append(
-                error_reply(req.cookie, Errno.ESHUTDOWN, "server is shutting down", structured)
-            )
+            # Not executed, not answered: the connection closes once the requests in flight
+            # are done, and a client that reconnects (the kernel's NBD client, QEMU with
+            # reconnect-delay) sends unanswered requests again to the restarted node. An
+            # NBD_ESHUTDOWN reply instead would reach the VM as an I/O error.
             return
         err, message = check(
             req, self.export.size, self.export.readonly, bool(self.session.meta_contexts)
@@ -683,7 +684,8 @@ class NbdServer:
             self._idle_waiters.clear()
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """New requests get NBD_ESHUTDOWN; in-flight ones finish; exports are flushed."""
+        """New requests are left unanswered; in-flight ones finish; exports are flushed; then
+        every connection closes (clients that reconnect resend what was not answered)."""
         self.shutting_down = True
         loop = asyncio.get_running_loop()
         if not all(c.idle for c in self.connections):

@@ -314,16 +314,22 @@ def main() -> None:
     check(not st.volume_condition.abnormal, f"adopted volume abnormal: {st.volume_condition}")
     step("plugin-restarted")
     check(fio.poll() is None, "fio ended before the storage node restart")
-    say("NBDCSI-REQUEST", "restart-storage")
     seen_abnormal = False
 
-    def reconnected() -> float | None:
+    def reconnects(at_least: int) -> float | None:
         nonlocal seen_abnormal
         if not seen_abnormal:
             seen_abnormal = stats(plugin, a, "/run/pods/a/disk").volume_condition.abnormal
-        return metric("nbdcsi_node_reconnects_total", volume=a["id"])
+        count = metric("nbdcsi_node_reconnects_total", volume=a["id"])
+        return count if count and count >= at_least else None
 
-    say("RESULT", "reconnects", poll("a reconnect", reconnected, 120, 0.2))
+    # First a graceful restart (SIGTERM, as a rollout does), then a crash (SIGKILL).
+    say("NBDCSI-REQUEST", "restart-storage")
+    poll("a reconnect after the graceful restart", lambda: reconnects(1), 120, 0.2)
+    step("storage-restarted-gracefully")
+    say("NBDCSI-REQUEST", "crash-storage")
+    count = poll("a reconnect after the crash", lambda: reconnects(2), 120, 0.2)
+    say("RESULT", "reconnects", count)
     say("RESULT", "abnormal_seen", seen_abnormal)
     say("RESULT", "blackout_seconds", metric("nbdcsi_node_io_blackout_seconds_sum", volume=a["id"]))
     step("storage-restarted")

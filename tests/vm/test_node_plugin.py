@@ -6,8 +6,9 @@ kernel NBD): NodeStage attaching /dev/nbdX through netlink with two connections,
 data written in the VM and read back on the host with an independent NBD client, ext4 made,
 mounted, grown online after the storage node grew the volume, staged again with its data; fio
 on the raw device while the plugin is killed and restarted (it takes the device back) and then
-while the storage node is killed and restarted (the plugin reconnects the same device, fio sees
-no I/O error; the blackout is measured from the plugin's metrics and printed); 200 stage /
+while the storage node is restarted, once gracefully (SIGTERM) and once by a crash (SIGKILL)
+(each time the plugin reconnects the same device and fio sees no I/O error; the blackout is
+measured from the plugin's metrics and printed); 200 stage /
 unstage cycles that leave no configured or extra /dev/nbdX behind.
 
 The guest drives the plugin through tests/vm/node_plugin_guest.py and asks the host for what
@@ -142,6 +143,12 @@ def test_node_plugin_on_kernel_nbd(
 
     def restart_storage() -> None:
         t = time.monotonic()
+        storage.stop()  # SIGTERM: finishes what it started, leaves new requests unanswered
+        storage.start()
+        restarts.append(time.monotonic() - t)
+
+    def crash_storage() -> None:
+        t = time.monotonic()
         storage.kill_tree()  # a crash: no goodbye to the clients
         storage.start()
         restarts.append(time.monotonic() - t)
@@ -169,7 +176,9 @@ def test_node_plugin_on_kernel_nbd(
     runner.start()
     try:
         handled = follow(
-            workdir / "console.log", done, {"expand": expand, "restart-storage": restart_storage}
+            workdir / "console.log",
+            done,
+            {"expand": expand, "restart-storage": restart_storage, "crash-storage": crash_storage},
         )
     finally:
         runner.join()
@@ -177,19 +186,19 @@ def test_node_plugin_on_kernel_nbd(
     got = results(result)
     print(
         f"\nnode plugin in the VM: plugin start {got.get('plugin_start_seconds')}s, restart "
-        f"{got.get('plugin_restart_seconds')}s; storage node restart took "
-        f"{restarts[0] if restarts else '?'}s on the host; connection blackout "
+        f"{got.get('plugin_restart_seconds')}s; storage node restarts (SIGTERM, SIGKILL) took "
+        f"{', '.join(f'{r:.2f}' for r in restarts)}s on the host; connection blackout (sum) "
         f"{got.get('blackout_seconds')}s, longest I/O in the VM "
         f"{got.get('fio_longest_io_seconds')}s (request timeout {IO_TIMEOUT}s); "
         f"{got.get('cycles')} stage/unstage cycles in {got.get('cycles_seconds')}s"
     )
     assert not result.timed_out, result.explain(120)
     assert result.exit_code == 0, result.explain(120)
-    assert handled == ["expand", "restart-storage"]
+    assert handled == ["expand", "restart-storage", "crash-storage"]
     assert got["block_backend"] == f"nbd.csi.dev/{block['id']}"
     assert got["block_connections"] == "2", "multi-conn: two connections per device"
     assert int(got["expanded_bytes"]) >= FS_GROWN
-    assert float(got["reconnects"]) >= 1
+    assert float(got["reconnects"]) >= 2, "one reconnect per storage node restart"
     assert float(got["blackout_seconds"]) > 0
     assert got["fio_rc"] == "0" and got["fio_errors"] == "0", result.explain(120)
     assert int(got["fio_ios"]) > 0
