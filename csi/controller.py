@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 from prometheus_client import CollectorRegistry
 
@@ -309,20 +310,29 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             raise Unavailable(f"{what} is on storage node {node_id}, which is not in service")
         return node
 
-    async def _volume(self, volume_id: str) -> tuple[StorageNodeClient, sn.Volume] | None:
-        parts = split_id(volume_id, "vol")
+    async def _find(self, csi_id: str, kind: str) -> tuple[StorageNodeClient, Any] | None:
+        """The storage node and its object for a CSI volume ("vol") or snapshot ("snap") id,
+        or None when the id names nothing (malformed, unknown node, gone)."""
+        parts = split_id(csi_id, kind)
         if parts is None:
             return None
-        node = self._node(parts[0], f"volume {volume_id}")
+        node = self._node(parts[0], csi_id)
         if node is None:
             return None
+        request: Any
+        if kind == "vol":
+            method, request = "GetVolume", sn.GetVolumeRequest(volume_id=parts[1])
+        else:
+            method, request = "GetSnapshot", sn.GetSnapshotRequest(snapshot_id=parts[1])
         try:
-            volume = await node.call("GetVolume", sn.GetVolumeRequest(volume_id=parts[1]))
+            return node, await node.call(method, request)
         except StorageNodeError as exc:
-            if exc.node_code.name == "NOT_FOUND":
+            if exc.node_code == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        return node, volume
+
+    async def _volume(self, volume_id: str) -> tuple[StorageNodeClient, sn.Volume] | None:
+        return await self._find(volume_id, "vol")
 
     async def _existing_volume(self, volume_id: str) -> tuple[StorageNodeClient, sn.Volume]:
         found = await self._volume(volume_id)
@@ -331,19 +341,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return found
 
     async def _snapshot(self, snapshot_id: str) -> tuple[StorageNodeClient, sn.Snapshot] | None:
-        parts = split_id(snapshot_id, "snap")
-        if parts is None:
-            return None
-        node = self._node(parts[0], f"snapshot {snapshot_id}")
-        if node is None:
-            return None
-        try:
-            snap = await node.call("GetSnapshot", sn.GetSnapshotRequest(snapshot_id=parts[1]))
-        except StorageNodeError as exc:
-            if exc.node_code.name == "NOT_FOUND":
-                return None
-            raise
-        return node, snap
+        return await self._find(snapshot_id, "snap")
 
     async def _on_every_node(
         self, call: Callable[[StorageNodeClient], Awaitable[T]], what: str
@@ -597,7 +595,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             try:
                 await node.call("DeleteVolume", sn.DeleteVolumeRequest(volume_id=volume.id))
             except StorageNodeError as exc:
-                if exc.node_code.name != "NOT_FOUND":
+                if exc.node_code != grpc.StatusCode.NOT_FOUND:
                     raise
             log.info("volume %s deleted", request.volume_id)
         await self.quotas.report(volume.tenant)
@@ -724,7 +722,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 try:
                     rows, page = await fetch(node, page, want)
                 except StorageNodeError as exc:
-                    if exc.node_code.name == "INVALID_ARGUMENT":
+                    if exc.node_code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise Aborted(
                             f"starting_token {token!r} is not valid; start again"
                         ) from None
@@ -866,7 +864,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             try:
                 await node.call("DeleteSnapshot", sn.DeleteSnapshotRequest(snapshot_id=snap.id))
             except StorageNodeError as exc:
-                if exc.node_code.name != "NOT_FOUND":
+                if exc.node_code != grpc.StatusCode.NOT_FOUND:
                     raise
         await self.quotas.report(snap.tenant)
         return pb.DeleteSnapshotResponse()
@@ -889,7 +887,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         only: StorageNodeClient | None = None
         if request.source_volume_id:
             parts = split_id(request.source_volume_id, "vol")
-            only = self._node(parts[0], "the volume") if parts else None
+            only = self._node(parts[0], request.source_volume_id) if parts else None
             if parts is None or only is None:
                 return pb.ListSnapshotsResponse()
             volume_filter = parts[1]
