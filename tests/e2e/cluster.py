@@ -14,7 +14,6 @@ connection (Debian's nbdsh) open on one attachment, to show that unpublishing fe
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import subprocess
@@ -41,44 +40,6 @@ BLOCK_RWX = pb.VolumeCapability(
     block=pb.VolumeCapability.BlockVolume(),
     access_mode=pb.VolumeCapability.AccessMode(mode=Mode.MULTI_NODE_MULTI_WRITER),
 )
-
-
-class ScrapingPrometheus(Prometheus):
-    """tests/support/prometheus.py's runner, scraping several targets (one job each).
-
-    Only the start differs (its config has one target), so __init__ replaces the base's.
-    """
-
-    def __init__(self, workdir: Path, targets: dict[str, int]) -> None:
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [
-                        {
-                            "job_name": job,
-                            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
-                        }
-                        for job, port in targets.items()
-                    ],
-                }
-            )
-        )
-        self.log = workdir / "prometheus.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={workdir / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
 
 
 @dataclass
@@ -186,7 +147,7 @@ class Cluster:
     nodes: dict[str, ApiNode] = field(default_factory=dict)
     kube: KubeApi | None = None
     plugin: Plugin | None = None
-    prometheus: ScrapingPrometheus | None = None
+    prometheus: Prometheus | None = None
     controller_metrics_port: int = 0
     node_metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -237,7 +198,7 @@ class Cluster:
         )
         prom_dir = self.base / "prometheus"
         prom_dir.mkdir()
-        self.prometheus = ScrapingPrometheus(
+        self.prometheus = Prometheus(
             prom_dir,
             {
                 "csi-controller": self.controller_metrics_port,

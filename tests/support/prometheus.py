@@ -1,6 +1,6 @@
 """A real Prometheus for tests: Debian's `prometheus` on a free loopback port.
 
-Owns starting it with a config that scrapes one target every second (optionally evaluating
+Owns starting it with a config that scrapes its targets every second (optionally evaluating
 rule files), waiting until it is ready, querying its HTTP API, and stopping it by pid.
 """
 
@@ -22,8 +22,15 @@ Vector = list[dict[str, Any]]
 
 class Prometheus:
     def __init__(
-        self, workdir: Path, target_port: int, job: str = "nbdcsi", rule_files: Sequence[Path] = ()
+        self,
+        workdir: Path,
+        targets: int | dict[str, int],
+        job: str = "nbdcsi",
+        rule_files: Sequence[Path] = (),
     ) -> None:
+        """Scrape `targets`: one port (as job `job`), or {job: port} for several."""
+        if isinstance(targets, int):
+            targets = {job: targets}
         self.port = free_port()
         config = workdir / "prometheus.yml"
         config.write_text(
@@ -33,9 +40,10 @@ class Prometheus:
                     "rule_files": [str(f) for f in rule_files],
                     "scrape_configs": [
                         {
-                            "job_name": job,
-                            "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}],
+                            "job_name": name,
+                            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
                         }
+                        for name, port in targets.items()
                     ],
                 }
             )

@@ -4,7 +4,7 @@
 # 1. mounts proc, sysfs and devtmpfs; loads the modules in /lib/modules/load-order (virtio,
 #    nbd, 9p, overlayfs, ext4, xfs, with their dependencies first);
 # 2. mounts the host's / (shared read-only over 9p, tag "hostroot") under a tmpfs overlay at
-#    /newroot, with the guest's own proc, sys, dev, tmp and run inside it;
+#    /newroot, with the guest's own proc, sys, dev and run inside it;
 # 3. brings up lo and eth0 as 10.0.2.15/24 (the host NBD server is 10.0.2.100:10809);
 # 4. copies the fw_cfg blob opt/nbdcsi/cmd to /newroot/run/nbdcsi/cmd and runs it with the
 #    host's bash, chrooted into /newroot, from /run/nbdcsi;
@@ -42,7 +42,8 @@ mount -t overlay overlay -o lowerdir=/host,upperdir=/ovl/upper,workdir=/ovl/work
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
-mount -t tmpfs -o size=128m tmpfs /newroot/tmp
+# /tmp stays the host's (under the overlay, so writes stay in the guest): the checkout, and
+# the tests' data, may live there.
 mount -t tmpfs -o size=64m tmpfs /newroot/run
 mkdir -p /newroot/run/nbdcsi
 
