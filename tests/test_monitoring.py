@@ -10,16 +10,17 @@ as plain files, without Helm:
   rule), and every metric name one that docs/metrics.md documents or the CSI plugin serves;
 - against a real Prometheus (Debian's binary) on loopback, scraping a running storage node with
   two volumes in two tenants, NBD I/O from qemu-io and tenant limits set, and loaded with the
-  alert rules, and a second one scraping a running CSI controller plugin (`python -m csi --mode
-  controller`) that answered calls, one of them with an error: every dashboard query, with its
-  variables set to "All" and to real values, returns data from the Prometheus that has its
-  metrics, every plugin metric the dashboard uses is one the plugin serves, every variable query
-  finds its values, every rule evaluates without error, and the two alerts this setup provokes
-  (a tenant near its limit, a node with little provisionable capacity left) become pending with
-  the node's name in their summary (marked slow).
+  alert rules, also scraping a running CSI controller plugin (`python -m csi --mode
+  controller`, a TenantQuota per tenant in the Kubernetes API stand-in) that answered calls,
+  one of them with an error: every dashboard query, with its variables set to "All" and to real
+  values, returns data, every plugin metric the dashboard uses is one the plugin serves, every
+  variable query finds its values, every rule evaluates without error, and the two alerts this
+  setup provokes (a tenant near its quota, a node with little provisionable capacity left)
+  become pending (marked slow).
 
-Not checked against a running program yet: NbdCsiReconnectStorm, written on the node plugin's
-nbdcsi_node_reconnects_total, which the node plugin does not serve yet (PENDING_METRICS).
+Not checked against a running program here: NbdCsiReconnectStorm, on the node plugin's
+nbdcsi_node_reconnects_total, which needs the kernel's NBD (the VM test reads that counter from
+the plugin; PENDING_METRICS).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from csi.v1 import csi_pb2 as csi_pb
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.csi.plugin import Plugin, start_plugin, storage_args
 from tests.support.api import ApiNode, poll, start_api_node
+from tests.support.kube_api import KubeApi, tenant_quota
 from tests.support.prometheus import Prometheus
 from tests.support.servers import REPO, free_port
 
@@ -60,7 +62,12 @@ CONTROLLER_JOB = "nbdcsi-controller"
 # Prometheus's own; the CSI plugin's (csi/metrics.py), which the slow test finds served by a
 # running plugin; and the node plugin's reconnect counter, which it does not serve yet.
 PROMETHEUS_METRICS = {"up", "ALERTS"}
-PLUGIN_METRICS = {"nbdcsi_grpc_calls_total", "nbdcsi_grpc_call_duration_seconds_bucket"}
+PLUGIN_METRICS = {
+    "nbdcsi_grpc_calls_total",
+    "nbdcsi_grpc_call_duration_seconds_bucket",
+    "nbdcsi_tenant_quota_used",
+    "nbdcsi_tenant_quota_limit",
+}
 PENDING_METRICS = {"nbdcsi_node_reconnects_total"}
 NOT_STORAGE_NODE_METRICS = PROMETHEUS_METRICS | PLUGIN_METRICS | PENDING_METRICS
 DASHBOARD_VARIABLES = {"datasource", "node", "instance", "tenant", "volume"}
@@ -133,7 +140,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     firing = {name for name, empty in cases if not empty}
     quiet = {name for name, empty in cases if empty}
     names = set(alert_names())
-    assert len(names) == 7
+    assert len(names) == 8
     assert names - firing == set(), "alerts without a test where they fire"
     assert names - quiet == set(), "alerts without a test where they stay quiet"
     assert (firing | quiet) - names == set(), "tests of alerts that do not exist"
@@ -333,19 +340,25 @@ class Controller:
 
 @pytest.fixture
 def controller(setup: Setup, tmp_path: Path) -> Iterator[Controller]:
-    """The CSI controller plugin on the setup's storage node, serving its metrics."""
+    """The CSI controller plugin on the setup's storage node, serving its metrics, with a
+    TenantQuota for each tenant (the same limits the setup gave the node: the controller
+    gives every node the whole quota)."""
     port = free_port()
     node = setup.node
-    plugin = start_plugin(
-        tmp_path / "plugin",
-        "--mode", "controller",
-        *storage_args([("storage-test", node.api_port)], node.data_dir / "api-token"),
-        "--metrics-listen", f"127.0.0.1:{port}",
-    )  # fmt: skip
-    try:
-        yield Controller(plugin, port)
-    finally:
-        plugin.stop()
+    with KubeApi() as kube:
+        for tenant, capacity in (("tenant-a", "1Gi"), ("tenant-b", "8704Ki")):
+            kube.put(tenant_quota(tenant, capacity=capacity, volumes=4, snapshots=4))
+        plugin = start_plugin(
+            tmp_path / "plugin",
+            "--mode", "controller",
+            *storage_args([("storage-test", node.api_port)], node.data_dir / "api-token"),
+            "--metrics-listen", f"127.0.0.1:{port}",
+            "--kubeconfig", str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        )  # fmt: skip
+        try:
+            yield Controller(plugin, port)
+        finally:
+            plugin.stop()
 
 
 def qemu_io(url: str) -> None:
@@ -376,10 +389,11 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
     setup: Setup, controller: Controller, tmp_path: Path
 ) -> None:
     node = setup.node
-    prom = Prometheus(tmp_path, setup.metrics_port, STORAGE_NODE_JOB, [RULES])
-    plugin_dir = tmp_path / "plugin-prometheus"
-    plugin_dir.mkdir()
-    plugin_prom = Prometheus(plugin_dir, controller.metrics_port, CONTROLLER_JOB)
+    prom = Prometheus(
+        tmp_path,
+        {STORAGE_NODE_JOB: setup.metrics_port, CONTROLLER_JOB: controller.metrics_port},
+        rule_files=[RULES],
+    )
     try:
         # The plugin answers calls, one with an error (CreateVolume without a name).
         plugin = controller.plugin
@@ -388,13 +402,17 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
         with pytest.raises(grpc.RpcError) as failed:
             plugin.controller.CreateVolume(csi_pb.CreateVolumeRequest())
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        poll(plugin_prom.ready, bool, 60, "prometheus (plugin) not ready", step=0.2)
-        plugin_prom.wait('nbdcsi_grpc_calls_total{code="INVALID_ARGUMENT"}', lambda r: len(r) == 1)
-        plugin_prom.wait("rate(nbdcsi_grpc_calls_total[1m])", lambda r: len(r) >= 4)
-        served = {r["metric"]["__name__"] for r in plugin_prom.vector('{__name__=~"nbdcsi_.+"}')}
+        poll(prom.ready, bool, 60, "prometheus not ready", step=0.2)
+        prom.wait('nbdcsi_grpc_calls_total{code="INVALID_ARGUMENT"}', lambda r: len(r) == 1)
+        prom.wait("rate(nbdcsi_grpc_calls_total[1m])", lambda r: len(r) >= 4)
+        # The controller counts both tenants' usage on the storage node for their quotas.
+        prom.wait('nbdcsi_tenant_quota_used{resource="capacity_bytes"}', lambda r: len(r) == 2)
+        served = {
+            r["metric"]["__name__"]
+            for r in prom.vector(f'{{__name__=~"nbdcsi_.+", job="{CONTROLLER_JOB}"}}')
+        }
         assert served >= PLUGIN_METRICS
 
-        poll(prom.ready, bool, 60, "prometheus not ready", step=0.2)
         instance = f"127.0.0.1:{setup.metrics_port}"
         up = prom.wait(f'up{{job="{STORAGE_NODE_JOB}"}}', lambda r: len(r) == 1)
         assert up[0]["metric"]["instance"] == instance
@@ -430,13 +448,10 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
 
         # Every dashboard query returns data with the variables on "All" and on real values;
         # with real values, only series of the chosen tenant, volume and node.
-        def prometheus_for(expr: str) -> Prometheus:
-            return plugin_prom if metric_names(expr) & PLUGIN_METRICS else prom
-
         for chosen in (ALL, real):
             for target in targets():
                 expr = substitute(target.expr, chosen)
-                result = prometheus_for(expr).vector(expr)
+                result = prom.vector(expr)
                 assert result, (target.panel, target.expr, chosen)
                 if chosen is real:
                     for r in result:
@@ -467,7 +482,11 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
         def active(alerts: list[dict[str, Any]]) -> set[tuple[str, str]]:
             return {(a["labels"]["alertname"], a["labels"].get("tenant", "")) for a in alerts}
 
-        expected = {("NbdCsiTenantNearQuota", "tenant-b"), ("NbdCsiStorageNodeCapacityLow", "")}
+        # tenant-b has a TenantQuota, so the cross-node alert speaks for it, not the per-node one.
+        expected = {
+            ("NbdCsiTenantQuotaNearLimit", "tenant-b"),
+            ("NbdCsiStorageNodeCapacityLow", ""),
+        }
         alerts = poll(
             lambda: prom.api("alerts")["alerts"],
             lambda a: active(a) == expected,
@@ -482,10 +501,10 @@ def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule(
         assert capacity["annotations"]["summary"].startswith(
             "nbd-csi storage node storage-test can provision only"
         )
-        quota = by_name["NbdCsiTenantNearQuota"]
+        quota = by_name["NbdCsiTenantQuotaNearLimit"]
+        assert quota["labels"]["resource"] == "capacity_bytes"
         assert quota["annotations"]["summary"] == (
-            f"Tenant tenant-b uses 94.12% of its capacity limit on storage node {instance}"
+            "Tenant tenant-b uses 94.12% of its capacity_bytes quota"
         )
     finally:
-        plugin_prom.stop()
         prom.stop()
