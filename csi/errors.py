@@ -8,15 +8,13 @@ logged with its traceback and reported as INTERNAL, never swallowed.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import grpc
 
+from storage_node.errors import status_mapper
+
 log = logging.getLogger("csi.errors")
-R = TypeVar("R")
 
 
 class StartupError(Exception):
@@ -82,22 +80,6 @@ class StorageNodeError(CsiError):
         self.code = _FROM_STORAGE_NODE.get(node_code, node_code)
 
 
-def rpc(
-    fn: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Map typed errors to statuses. context.abort raises, so it is called outside `try`."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await fn(self, request, context)
-        except CsiError as exc:
-            code, message = exc.code, str(exc)
-            log.info("%s: %s: %s", fn.__name__, code.name, message)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}"
-        await context.abort(code, message)
-        raise AssertionError("abort returned")
-
-    return wrapper
+# Every servicer method: typed errors become their status (logged at INFO), anything else
+# INTERNAL with its traceback in the log.
+rpc = status_mapper(CsiError, log, logging.INFO)

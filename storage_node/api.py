@@ -7,22 +7,20 @@ Servicer methods only convert: every rule lives in the service.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from .errors import InvalidArgument, StorageError
+from .errors import InvalidArgument, StorageError, status_mapper
 from .store import AttachmentRow, GoldenImageRow, SnapshotRow, TenantLimits, VolumeRow
 from .v1 import storage_node_pb2 as pb
 from .v1 import storage_node_pb2_grpc as pb_grpc
 from .volumes import NodeSettings, VolumeService
 
 log = logging.getLogger("storage_node.api")
-R = TypeVar("R")
 
 _STATES = {
     "creating": pb.VOLUME_STATE_CREATING,
@@ -37,24 +35,7 @@ _FORMATS = {
 }
 
 
-def _rpc(
-    fn: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
-) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Map domain errors to statuses. context.abort raises, so it is called outside `try`."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await fn(self, request, context)
-        except StorageError as exc:
-            code, message = exc.code, str(exc)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}"
-        await context.abort(code, message)
-        raise AssertionError("abort returned")
-
-    return wrapper
+_rpc = status_mapper(StorageError, log)
 
 
 def volume_pb(v: VolumeRow) -> pb.Volume:
