@@ -24,7 +24,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
@@ -52,7 +52,6 @@ from .v1 import csi_pb2 as pb
 from .v1 import csi_pb2_grpc as pb_grpc
 
 log = logging.getLogger("csi.controller")
-T = TypeVar("T")
 
 BLOCK = 4096
 MAX_SIZE = 1 << 46  # the storage node's largest volume, 64 TiB
@@ -343,32 +342,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     async def _snapshot(self, snapshot_id: str) -> tuple[StorageNodeClient, sn.Snapshot] | None:
         return await self._find(snapshot_id, "snap")
 
-    async def _on_every_node(
-        self, call: Callable[[StorageNodeClient], Awaitable[T]], what: str
-    ) -> list[tuple[StorageNodeClient, T]]:
-        """Run `call` on every node in service. Any node that does not answer fails the whole
-        call with UNAVAILABLE: answering "not there" while a node is unreachable could create
-        a second volume under a name that already has one."""
-        nodes = list(self.nodes)
-        if not nodes:
-            raise Unavailable("no storage node is configured or in service")
-        replies = await asyncio.gather(*(call(n) for n in nodes), return_exceptions=True)
-        out = []
-        for node, reply in zip(nodes, replies, strict=True):
-            if isinstance(reply, StorageNodeError):
-                raise Unavailable(f"cannot {what}: {reply}") from None
-            if isinstance(reply, BaseException):
-                raise reply
-            out.append((node, reply))
-        return out
-
     async def _by_name(self, method: str, name: str) -> tuple[StorageNodeClient, Any] | None:
         request_type = {
             "ListVolumes": sn.ListVolumesRequest,
             "ListSnapshots": sn.ListSnapshotsRequest,
         }
         field = "volumes" if method == "ListVolumes" else "snapshots"
-        found = await self._on_every_node(
+        found = await self.nodes.every(
             lambda n: n.call(method, request_type[method](name=name)), f"look up {name!r}"
         )
         hits = [(node, getattr(reply, field)[0]) for node, reply in found if getattr(reply, field)]
@@ -558,7 +538,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     async def _place(self, size: int, requirement: pb.TopologyRequirement) -> StorageNodeClient:
         """The node with the most available capacity among those in the requisite topology,
         the preferred topologies first (csi-spec, TopologyRequirement)."""
-        capacities = await self._on_every_node(
+        capacities = await self.nodes.every(
             lambda n: n.call("GetCapacity", sn.GetCapacityRequest()), "place the volume"
         )
         candidates = []
@@ -792,7 +772,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         topologies = (
             [request.accessible_topology] if request.HasField("accessible_topology") else []
         )
-        capacities = await self._on_every_node(
+        capacities = await self.nodes.every(
             lambda n: n.call("GetCapacity", sn.GetCapacityRequest()), "read capacity"
         )
         available = [c.available_bytes for n, c in capacities if await self._matches(n, topologies)]

@@ -181,19 +181,12 @@ class TenantQuotas:
     async def usage(self, tenant: str) -> Usage:
         """The tenant's usage on every storage node; a node that does not answer makes the
         count unknown, and a quota cannot be checked against an unknown count."""
-        replies = await asyncio.gather(
-            *(n.call("GetTenant", sn.GetTenantRequest(name=tenant)) for n in self.nodes),
-            return_exceptions=True,
+        replies = await self.nodes.every(
+            lambda n: n.call("GetTenant", sn.GetTenantRequest(name=tenant)),
+            f"count the usage of tenant {tenant!r}",
         )
         total = Usage()
-        for node, reply in zip(self.nodes, replies, strict=True):
-            if isinstance(reply, StorageNodeError):
-                raise Unavailable(
-                    f"cannot count the usage of tenant {tenant!r}: {reply}; retry when "
-                    f"storage node {node.id} is back"
-                ) from None
-            if isinstance(reply, BaseException):
-                raise reply
+        for _, reply in replies:
             u = reply.usage
             total = Usage(
                 total.capacity_bytes + u.provisioned_bytes,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -21,7 +21,9 @@ from storage_node.v1 import storage_node_pb2 as pb
 from storage_node.v1 import storage_node_pb2_grpc as pb_grpc
 
 from .config import Config, StorageNodeAddress
-from .errors import StartupError, StorageNodeError
+from .errors import StartupError, StorageNodeError, Unavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger("csi.storage_nodes")
 
@@ -123,6 +125,25 @@ class StorageNodes:
     def __iter__(self) -> Iterator[StorageNodeClient]:
         """The nodes in service, in the order of their ids."""
         return iter(sorted(self._clients.values(), key=lambda c: c.id))
+
+    async def every(
+        self, call: Callable[[StorageNodeClient], Awaitable[T]], what: str
+    ) -> list[tuple[StorageNodeClient, T]]:
+        """Run `call` on every node in service at once. A node that does not answer fails the
+        whole call with UNAVAILABLE ("cannot WHAT: ..."): an answer missing one node (a name
+        lookup, a tenant's usage) could lead to a duplicate or past a quota."""
+        nodes = list(self)
+        if not nodes:
+            raise Unavailable(f"cannot {what}: no storage node is configured or in service")
+        replies = await asyncio.gather(*(call(n) for n in nodes), return_exceptions=True)
+        out = []
+        for node, reply in zip(nodes, replies, strict=True):
+            if isinstance(reply, StorageNodeError):
+                raise Unavailable(f"cannot {what}: {reply}") from None
+            if isinstance(reply, BaseException):
+                raise reply
+            out.append((node, reply))
+        return out
 
     def get(self, node_id: str) -> StorageNodeClient | None:
         return self._clients.get(node_id) or self._away.get(node_id)
