@@ -15,13 +15,12 @@ Debian packages: syslinux, syslinux-common, mtools, dosfstools.
 
 from __future__ import annotations
 
-import gzip
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
-from tests.vm.guest import Kernel, _read_module, module_load_order
+from tests.vm.guest import Kernel, build_initramfs
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -74,42 +73,6 @@ def _tool(name: str) -> str:
     return found
 
 
-def build_initramfs(workdir: Path, kernel: Kernel) -> Path:
-    """busybox + virtio block modules + guest_init.sh as /init, as a gzip'd newc cpio."""
-    root = workdir / "initramfs-root"
-    if root.exists():
-        shutil.rmtree(root)
-    for d in ("bin", "dev", "proc", "sys", "tmp", "lib/modules"):
-        (root / d).mkdir(parents=True)
-    busybox = Path(_tool("busybox")).resolve()
-    shutil.copy2(busybox, root / "bin/busybox")
-    applets = subprocess.run(
-        [str(busybox), "--list"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
-    names = []
-    for name, path in module_load_order(kernel, MODULES):
-        (root / "lib/modules" / f"{name}.ko").write_bytes(_read_module(path))
-        names.append(name)
-    (root / "lib/modules/load-order").write_text("\n".join(names) + "\n")
-    shutil.copy2(INIT_SCRIPT, root / "init")
-    (root / "init").chmod(0o755)
-    entries = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    archive = subprocess.run(
-        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
-        cwd=root,
-        input="\n".join(entries).encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
-    out = workdir / "initrd.gz"
-    out.write_bytes(gzip.compress(archive, compresslevel=6))
-    shutil.rmtree(root)
-    return out
-
-
 def _partition_entry(active: bool, kind: int, start: int, size: int) -> bytes:
     """One 16-byte MBR entry; CHS fields say "use LBA" (0xfe/0xff/0xff), as tools write today."""
     chs = b"\xfe\xff\xff"
@@ -132,7 +95,10 @@ def mbr(disk_size: int = DISK_SIZE) -> bytes:
 def build_disk(workdir: Path, kernel: Kernel, disk_size: int = DISK_SIZE) -> Path:
     """The bootable raw image (sparse), at workdir/guest-disk.img."""
     workdir.mkdir(parents=True, exist_ok=True)
-    initrd = build_initramfs(workdir, kernel)
+    # busybox + virtio block modules + guest_init.sh as /init
+    initrd = build_initramfs(
+        workdir, kernel, modules=MODULES, init_script=INIT_SCRIPT, variant="-e2e", nbd_client=False
+    )
     cfg = workdir / "syslinux.cfg"
     cfg.write_text(SYSLINUX_CFG)
     disk = workdir / "guest-disk.img"

@@ -223,8 +223,11 @@ def build_initramfs(
     modules: Sequence[str] = MODULES,
     init_script: Path = INIT_SCRIPT,
     variant: str = "",
+    nbd_client: bool = True,
 ) -> Path:
-    """Build (once per cache_dir and variant) a gzip'd newc initramfs and return its path.
+    """Build (once per cache_dir and variant) a gzip'd newc initramfs and return its path:
+    busybox, the kernel `modules` (with their dependencies, in load order), `init_script` as
+    /init, and Debian's nbd-client unless `nbd_client` is False.
 
     gzip level 1: under TCG, loading twice the bytes costs more than decompressing them.
     """
@@ -249,11 +252,13 @@ def build_initramfs(
     (root / "bin/sh").unlink(missing_ok=True)
     (root / "bin/sh").symlink_to("busybox")
 
-    # Debian's nbd-client, at its host path (the guest's PATH has /usr/sbin, /sbin and /usr/bin).
-    nbd_client = _which_sbin("nbd-client")
-    if nbd_client is None:
-        raise LookupError("nbd-client is not installed")
-    _copy_with_libs(Path(nbd_client), root)
+    if nbd_client:
+        # Debian's nbd-client, at its host path (the guest's PATH has /usr/sbin, /sbin and
+        # /usr/bin).
+        found = _which_sbin("nbd-client")
+        if found is None:
+            raise LookupError("nbd-client is not installed")
+        _copy_with_libs(Path(found), root)
 
     names = []
     for name, path in module_load_order(kernel, modules):
