@@ -8,6 +8,7 @@ the Controller adds the tenant quota families. Every family is listed in docs/me
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,18 +53,21 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            code = "OK"
             try:
                 return await inner(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
             except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                # Servicers end every failure with context.abort (csi.errors.rpc), which sets
+                # the status; anything else is reported UNKNOWN, as grpc does.
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 raise
             finally:
                 self.latency.labels(method).observe(time.perf_counter() - start)
-                if isinstance(code, int):  # aio's context.code() may give the raw int
-                    code = next((c for c in grpc.StatusCode if c.value[0] == code), code)
-                name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                self.calls.labels(method, name).inc()
+                self.calls.labels(method, code).inc()
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
