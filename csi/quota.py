@@ -138,7 +138,9 @@ class TenantQuotas:
         self.kube = kube
         self.nodes = nodes
         self._locks: dict[str, asyncio.Lock] = {}
-        self._known: set[str] = set()  # tenants whose limits were pushed to the nodes
+        # What each storage node was last given as a tenant's limits, by (node id, tenant);
+        # a lifted limit (no quota any more) leaves the map.
+        self._pushed: dict[tuple[str, str], Limits] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit = Gauge(
             "nbdcsi_tenant_quota_limit",
@@ -216,23 +218,32 @@ class TenantQuotas:
             if quota is not None:
                 usage = await self.usage(tenant)
                 check(quota, usage, capacity_bytes, volumes, snapshots, what)
-            if quota is not None or tenant in self._known:
-                await self._push(node, tenant, quota)
+            # The fence: the node itself then refuses past the quota. Pushed every time, so a
+            # node whose catalogue was replaced gets it back before it takes the change.
+            if quota is not None or (node.id, tenant) in self._pushed:
+                await self._push(node, tenant, quota, force=True)
             yield
         if quota is not None:
             task = asyncio.create_task(self.report(tenant))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _push(self, node: StorageNodeClient, tenant: str, quota: Quota | None) -> None:
+    async def _push(
+        self, node: StorageNodeClient, tenant: str, quota: Quota | None, force: bool = False
+    ) -> None:
+        """Give `node` the tenant's quota as its tenant limits (all zero: lifted), unless it
+        was given the same already and `force` is false."""
+        key = (node.id, tenant)
         limits = quota.limits if quota is not None else Limits()
+        if not force and self._pushed.get(key, Limits()) == limits:
+            return
         await node.call(
             "SetTenantLimits", sn.SetTenantLimitsRequest(name=tenant, limits=limits.as_pb())
         )
         if quota is None:
-            self._known.discard(tenant)
+            self._pushed.pop(key, None)
         else:
-            self._known.add(tenant)
+            self._pushed[key] = limits
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -297,7 +308,7 @@ class TenantQuotas:
         by_tenant: dict[str, list[dict[str, Any]]] = {}
         for obj in objects:
             by_tenant.setdefault(obj.get("metadata", {}).get("namespace", ""), []).append(obj)
-        for tenant in sorted(set(by_tenant) | self._known):
+        for tenant in sorted(set(by_tenant) | {t for _, t in self._pushed}):
             lock = self._locks.setdefault(tenant, asyncio.Lock())
             async with lock:
                 try:

@@ -9,6 +9,7 @@ its metrics, and keeping the attachment credential out of its log.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from csi.config import from_args
+from csi.kube import KubeClient
+from csi.quota import TenantQuotas
+from csi.storage_nodes import StorageNodes
 from csi.v1 import csi_pb2 as pb
 from storage_node.v1 import storage_node_pb2 as sn
 from tests.support.api import poll
@@ -35,7 +41,7 @@ from .controller_fixtures import (
     stop_pool,
     unique_name,
 )
-from .plugin import start_plugin
+from .plugin import start_plugin, storage_args
 
 TENANT = "team-a"
 TENANT_PARAMS = {"csi.storage.k8s.io/pvc/namespace": TENANT}
@@ -288,3 +294,49 @@ def test_storage_nodes_found_from_a_service(tmp_path: Path, pool: Pool, kube: Ku
         assert got.volume.volume_id == other.volume_id
     finally:
         assert plugin.stop() == 0, plugin.log_text()
+
+
+def test_refresh_gives_every_node_the_quota_and_lifts_a_removed_one(
+    tmp_path: Path, pool: Pool, kube: KubeApi
+) -> None:
+    """The periodic refresh (here called directly, in-process, on the real nodes): every
+    storage node gets the tenant's quota as its limits, and all of them lose it when the
+    TenantQuota goes away."""
+    kube.put(tenant_quota("lifted", volumes=3, iops=100))
+    config = from_args(
+        [
+            *storage_args(
+                [(node_id, node.api_port) for node_id, node in pool.nodes.items()],
+                pool.nodes["sn-a"].data_dir / "api-token",
+            ),
+            "--kubeconfig",
+            str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        ]
+    )
+
+    def limits() -> set[tuple[int, int]]:
+        return {
+            (lim.volumes, lim.qos.iops)
+            for lim in (
+                node.api.GetTenant(sn.GetTenantRequest(name="lifted")).limits
+                for node in pool.nodes.values()
+            )
+        }
+
+    async def scenario() -> None:
+        nodes = StorageNodes.from_config(config)
+        client = KubeClient.from_options(config.kube)
+        quotas = TenantQuotas(client, nodes, CollectorRegistry())
+        try:
+            await quotas.refresh()
+            assert limits() == {(3, 100)}
+            kube.delete("nbd.csi.dev/v1alpha1", "TenantQuota", "lifted", "storage")
+            await quotas.refresh()
+            assert limits() == {(0, 0)}
+        finally:
+            await quotas.close()
+            await nodes.close()
+            assert client is not None
+            client.close()
+
+    asyncio.run(scenario())
