@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ from storage_node.nbd.constants import (
     Rep,
     TransmissionFlag,
 )
-from tests.support.api import ApiNode, start_api_node
+from tests.support.api import ApiNode
 
 NAME = "vol-0123456789abcdef.s3cr3t-credential"
 FLAGS = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.CAN_MULTI_CONN
@@ -177,17 +177,8 @@ def test_against_the_storage_node_server_codec() -> None:
     assert client.info == ExportInfo(3 << 20, FLAGS, 1, 4096, 1 << 25)
 
 
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
-    node = start_api_node(tmp_path_factory.mktemp("storage"), workers=0, node_id="storage-a")
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-def test_dial_reaches_transmission_on_the_real_server(storage: ApiNode) -> None:
-    api = storage.api
+def test_dial_reaches_transmission_on_the_real_server(storage_node: ApiNode) -> None:
+    api = storage_node.api
     volume = api.wait_volume(api.create_volume("dial", 4 << 20).id)
     att = api.publish(volume.id, "worker-1", "127.0.0.1")
     sock, info = dial(att.nbd_host, att.nbd_port, att.export_name)

@@ -24,7 +24,7 @@ import pytest
 
 from csi.mounts import parse_mountinfo
 from csi.v1 import csi_pb2 as pb
-from tests.support.api import ApiNode, start_api_node
+from tests.support.api import ApiNode
 
 from .loop_attacher import LoopAttacher
 from .node_harness import (
@@ -54,15 +54,6 @@ def _missing() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
-    node = start_api_node(tmp_path_factory.mktemp("storage"), workers=0, node_id="storage-a")
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture
@@ -199,9 +190,9 @@ def test_node_capabilities(harness: NodeHarness) -> None:
 
 
 def test_block_volume_bound_onto_a_file_writes_reach_the_storage_node(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    vol = attach_volume(storage, "block-rw", 16 * MiB)
+    vol = attach_volume(storage_node, "block-rw", 16 * MiB)
     staging, target = tmp_path / "staging", tmp_path / "pods" / "vm-disk"
     stage(harness, vol, staging, block_cap())
     stage(harness, vol, staging, block_cap())  # idempotent
@@ -234,12 +225,12 @@ def test_block_volume_bound_onto_a_file_writes_reach_the_storage_node(
 
 
 def test_block_volume_published_read_only(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
     # A read-only mount does not stop writes through a device node (the kernel checks the
     # mount's flag for regular files only): a read-only block volume is read-only because its
     # attachment is, down to the device. The bind is marked read-only as well.
-    vol = attach_volume(storage, "block-ro", 8 * MiB, readonly=True)
+    vol = attach_volume(storage_node, "block-ro", 8 * MiB, readonly=True)
     staging, target = tmp_path / "staging", tmp_path / "ro-disk"
     stage(harness, vol, staging, block_cap(Mode.SINGLE_NODE_READER_ONLY))
     publish(harness, vol, staging, target, block_cap(Mode.SINGLE_NODE_READER_ONLY), readonly=True)
@@ -260,9 +251,9 @@ def test_block_volume_published_read_only(
 
 
 def test_filesystem_formatted_once_mounted_and_bound_with_flags(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    vol = attach_volume(storage, "fs-ext4", 64 * MiB)
+    vol = attach_volume(storage_node, "fs-ext4", 64 * MiB)
     staging = tmp_path / "staging"
     rw, ro = tmp_path / "pod-a" / "mount", tmp_path / "pod-b" / "mount"
     cap = mount_cap("ext4", ("noexec",))
@@ -309,11 +300,11 @@ def test_filesystem_formatted_once_mounted_and_bound_with_flags(
 
 
 def test_xfs_and_the_default_filesystem(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
     # mkfs.xfs wants at least 300 MiB; the volume is sparse on the storage node.
-    xfs = attach_volume(storage, "fs-xfs", 320 * MiB)
-    plain = attach_volume(storage, "fs-default", 32 * MiB)
+    xfs = attach_volume(storage_node, "fs-xfs", 320 * MiB)
+    plain = attach_volume(storage_node, "fs-default", 32 * MiB)
     stage(harness, xfs, tmp_path / "x", mount_cap("xfs"))
     stage(harness, plain, tmp_path / "p", mount_cap())
     assert mount_at(tmp_path / "x").fs_type == "xfs"
@@ -331,9 +322,9 @@ def test_xfs_and_the_default_filesystem(
 
 
 def test_blank_read_only_volume_is_not_formatted(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    vol = attach_volume(storage, "fs-ro-blank", 16 * MiB, readonly=True)
+    vol = attach_volume(storage_node, "fs-ro-blank", 16 * MiB, readonly=True)
     code = status_of(lambda: stage(harness, vol, tmp_path / "s", mount_cap("ext4")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     unstage(harness, vol, tmp_path / "s")
@@ -341,9 +332,9 @@ def test_blank_read_only_volume_is_not_formatted(
 
 
 def test_raw_data_is_never_formatted(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    vol = attach_volume(storage, "fs-raw-data", 16 * MiB)
+    vol = attach_volume(storage_node, "fs-raw-data", 16 * MiB)
     stage(harness, vol, tmp_path / "s", block_cap())
     publish(harness, vol, tmp_path / "s", tmp_path / "dev", block_cap())
     # A VM wrote a partition table: an MBR with one Linux partition from sector 2048.
@@ -368,10 +359,10 @@ def test_raw_data_is_never_formatted(
 
 
 def test_restarted_service_takes_its_devices_back(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    blk = attach_volume(storage, "restart-block", 8 * MiB)
-    fs = attach_volume(storage, "restart-fs", 32 * MiB)
+    blk = attach_volume(storage_node, "restart-block", 8 * MiB)
+    fs = attach_volume(storage_node, "restart-fs", 32 * MiB)
     stage(harness, blk, tmp_path / "sb", block_cap())
     publish(harness, blk, tmp_path / "sb", tmp_path / "disk", block_cap())
     stage(harness, fs, tmp_path / "sf", mount_cap("ext4"))
@@ -401,9 +392,9 @@ def test_restarted_service_takes_its_devices_back(
 
 
 def test_unrecorded_device_of_ours_is_disconnected_on_start(
-    harness: NodeHarness, storage: ApiNode, tmp_path: Path
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
 ) -> None:
-    vol = attach_volume(storage, "orphan", 8 * MiB)
+    vol = attach_volume(storage_node, "orphan", 8 * MiB)
     stage(harness, vol, tmp_path / "s", block_cap())
     for f in (tmp_path / "state" / "volumes").iterdir():
         f.unlink()  # as if the plugin died between attaching and recording
@@ -416,8 +407,10 @@ def test_unrecorded_device_of_ours_is_disconnected_on_start(
 # -- errors --------------------------------------------------------------------------------
 
 
-def test_argument_and_state_errors(harness: NodeHarness, storage: ApiNode, tmp_path: Path) -> None:
-    vol = attach_volume(storage, "errors", 8 * MiB)
+def test_argument_and_state_errors(
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
+) -> None:
+    vol = attach_volume(storage_node, "errors", 8 * MiB)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     cases = {
         "no volume id": lambda: harness.stub.NodeStageVolume(

@@ -36,15 +36,6 @@ Service = pb.PluginCapability.Service
 Expansion = pb.PluginCapability.VolumeExpansion
 
 
-@pytest.fixture(scope="module")
-def storage_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
-    node = start_api_node(tmp_path_factory.mktemp("storage"), workers=0, node_id="storage-a")
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
 def token_file(node: ApiNode) -> Path:
     return node.data_dir / "api-token"
 
