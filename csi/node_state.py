@@ -52,8 +52,10 @@ class StateStore:
         self.dir = root / "volumes"
 
     def ensure(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        """STATE_DIR and STATE_DIR/volumes, 0700: the records hold attachment credentials."""
+        for d in (self.dir.parent, self.dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
 
     def _path(self, volume_id: str) -> Path:
         return self.dir / (hashlib.sha256(volume_id.encode()).hexdigest()[:32] + ".json")

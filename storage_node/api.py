@@ -37,6 +37,22 @@ _FORMATS = {
 
 _rpc = status_mapper(StorageError, log)
 
+# A List reply is cut at this many bytes as well as at page_size, so it always fits gRPC's
+# default 4 MiB message limit (with room for the envelope); the next page starts after the
+# last item sent. One item alone is always sent: labels are bounded far below this.
+PAGE_BYTES = 3 * 1024 * 1024
+_ITEM_OVERHEAD = 8  # field tag and length prefix of a repeated message
+
+
+def cut_by_bytes(items: list[Any], token: str) -> tuple[list[Any], str]:
+    """The longest prefix of `items` within PAGE_BYTES, and the token of the page after it."""
+    total = 0
+    for i, item in enumerate(items):
+        total += item.ByteSize() + _ITEM_OVERHEAD
+        if i and total > PAGE_BYTES:
+            return items[:i], items[i - 1].id
+    return items, token
+
 
 def volume_pb(v: VolumeRow) -> pb.Volume:
     source = pb.VolumeSource()
@@ -146,7 +162,8 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
         rows, token = await self.service.list_volumes(
             request.tenant, request.page_size, request.page_token, request.name
         )
-        return pb.ListVolumesResponse(volumes=[volume_pb(v) for v in rows], next_page_token=token)
+        volumes, token = cut_by_bytes([volume_pb(v) for v in rows], token)
+        return pb.ListVolumesResponse(volumes=volumes, next_page_token=token)
 
     @_rpc
     async def DeleteVolume(
@@ -181,9 +198,8 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
         rows, token = await self.service.list_snapshots(
             request.tenant, request.volume_id, request.page_size, request.page_token, request.name
         )
-        return pb.ListSnapshotsResponse(
-            snapshots=[snapshot_pb(s) for s in rows], next_page_token=token
-        )
+        snapshots, token = cut_by_bytes([snapshot_pb(s) for s in rows], token)
+        return pb.ListSnapshotsResponse(snapshots=snapshots, next_page_token=token)
 
     @_rpc
     async def DeleteSnapshot(

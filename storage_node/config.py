@@ -7,6 +7,7 @@ Owns the command-line surface (`python -m storage_node --help`) and its defaults
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -90,6 +91,9 @@ class Config:
     overcommit_ratio: float = 1.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = DEFAULT_METRICS_PORT
+    # ImportImage reads files only from here (docs/storage-node-api.md); None: no imports.
+    import_dir: Path | None = None
+    insecure_api: bool = False
 
     @property
     def token_path(self) -> Path:
@@ -104,11 +108,37 @@ class Config:
         return self.data_dir / "storage-node.db"
 
 
+def parse_port(text: str, allow_zero: bool = False) -> int:
+    """A TCP port written in ASCII digits, 1-65535 (0 too when `allow_zero`: any free port).
+    str.isdigit alone would take other scripts' digits ("\u0661\u0660"), which int() reads."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        raise ValueError(f"port {text!r} is not a number")
+    port = int(text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"port {port} is not in 1-65535")
+    return port
+
+
 def _host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT of a listening address; port 0 means any free port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        if not sep:
+            raise ValueError("no port")
+        number = parse_port(port, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT ({exc})") from None
+    return host.strip("[]") or "127.0.0.1", number
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; False for wildcards and every other name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,6 +209,20 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--tls-cert", type=Path, help="PEM certificate: serve the API over TLS")
     api.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     api.add_argument(
+        "--insecure-api",
+        action="store_true",
+        help="allow a plaintext management API on a non-loopback --api-listen (the token and "
+        "every attachment credential then cross the network in clear)",
+    )
+    api.add_argument(
+        "--import-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="ImportImage reads image files only from this directory (symlinks and '..' "
+        "leading out of it are refused); default none: ImportImage is disabled",
+    )
+    api.add_argument(
         "--node-id",
         default=socket.gethostname(),
         help="this storage node's id (volume ids carry it in the CSI driver)",
@@ -229,8 +273,16 @@ def from_args(argv: list[str] | None = None) -> Config:
     metrics_host, metrics_port = args.metrics_listen
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is None and not args.insecure_api and not is_loopback(api_host):
+        p.error(
+            f"--api-listen {api_host}:{api_port} is not a loopback address and the API has no "
+            "TLS: give --tls-cert and --tls-key (the bearer token and the attachment "
+            "credentials would cross the network in clear), or --insecure-api to accept that"
+        )
     if args.overcommit_ratio <= 0:
         p.error("--overcommit-ratio must be positive")
+    if args.import_dir is not None and not args.import_dir.is_dir():
+        p.error(f"--import-dir {args.import_dir} is not a directory")
     topology = {}
     for item in args.topology:
         key, sep, value = item.partition("=")
@@ -258,6 +310,8 @@ def from_args(argv: list[str] | None = None) -> Config:
         overcommit_ratio=args.overcommit_ratio,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        import_dir=args.import_dir.absolute() if args.import_dir is not None else None,
+        insecure_api=args.insecure_api,
     )
 
 

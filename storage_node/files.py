@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 FICLONE = 0x40049409
 PR_SET_PDEATHSIG = 1
@@ -45,6 +46,12 @@ def _commit(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def _create(path: Path) -> BinaryIO:
+    """A new file for the node alone (0600, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def create_sparse(path: Path, size: int) -> None:
     tmp = temporary(path)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -58,7 +65,7 @@ def create_sparse(path: Path, size: int) -> None:
 
 def try_reflink(src: Path, dst: Path) -> bool:
     """Share all of src's blocks with a new dst; False where the filesystem cannot."""
-    with open(src, "rb") as s, open(dst, "wb") as d:
+    with open(src, "rb") as s, _create(dst) as d:
         try:
             fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
         except OSError as exc:
@@ -71,7 +78,7 @@ def try_reflink(src: Path, dst: Path) -> bool:
 
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy the allocated ranges of src into a new dst of the same size."""
-    with open(src, "rb") as s, open(dst, "wb") as d:
+    with open(src, "rb") as s, _create(dst) as d:
         size = os.fstat(s.fileno()).st_size
         os.ftruncate(d.fileno(), size)
         pos = 0
@@ -120,18 +127,19 @@ def copy_in_background(src: Path, dst: Path, size: int | None = None) -> None:
         raise OSError(f"copying {src.name} failed: {result.stderr.strip()[-500:]}")
 
 
-def convert_image(src: Path, dst: Path, fmt: str) -> None:
-    """A raw image from a raw or qcow2 file, with qemu-img, at the lowest priority."""
+def convert_image(source: list[str], dst: Path, pass_fds: tuple[int, ...] = ()) -> None:
+    """A raw image, with qemu-img at the lowest priority, from `source`: qemu-img arguments
+    that name the input and its format (storage_node.imports.qemu_source: never probed)."""
     tmp = temporary(dst)
-    argv = ["qemu-img", "convert", "-O", "raw", "-S", "4k"]
-    if fmt:
-        argv += ["-f", fmt]
-    argv += [str(src), str(tmp)]
-    result = subprocess.run(_lowest_priority(argv), capture_output=True, text=True, check=False)
+    argv = ["qemu-img", "convert", "-O", "raw", "-S", "4k", *source, str(tmp)]
+    result = subprocess.run(
+        _lowest_priority(argv), capture_output=True, text=True, check=False, pass_fds=pass_fds
+    )
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(f"qemu-img convert failed: {result.stderr.strip()[-500:]}")
     with open(tmp, "rb+") as f:
+        os.fchmod(f.fileno(), 0o600)  # qemu-img creates it 0666 less the umask
         os.fsync(f.fileno())
     _commit(tmp, dst)
 

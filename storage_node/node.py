@@ -26,6 +26,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,11 @@ from .volumes import NodeSettings, VolumeService
 log = logging.getLogger("storage_node")
 
 CONTROL_MAX = 64 * 1024
+# Files the node makes are for the node alone: the catalogue holds every attachment's
+# credential, images hold tenants' data. The umask is the backstop for anything created
+# without an explicit mode (SQLite's -wal/-shm, qemu-img's output, child processes).
+UMASK = 0o077
+PRIVATE_DIR = 0o700
 CLOSED_MESSAGE = b'{"op": "closed"}'
 IO_THREADS = 16
 
@@ -101,6 +107,30 @@ def _create_image(config: Config, store: Store, spec: ExportSpec) -> ExportRow:
     store.add_export(row)
     log.info("created image %s (%d bytes)", path, spec.size)
     return row
+
+
+def make_private(data_dir: Path) -> None:
+    """The data directory 0700, and everything in it readable by the node's user only: files
+    made by an older version with the default umask are tightened too (chmod, nothing else)."""
+    data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    for root, dirs, names in os.walk(data_dir):
+        for name in dirs:
+            _tighten(Path(root) / name, PRIVATE_DIR)
+        for name in names:
+            _tighten(Path(root) / name, 0o600)
+    _tighten(data_dir, PRIVATE_DIR)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except OSError as exc:  # a read-only mount inside the data directory, say
+            log.warning("cannot make %s private: %s", path, exc.strerror)
 
 
 def control_message(op: str, **fields: Any) -> bytes:
@@ -171,6 +201,7 @@ class StorageNode:
             nbd_port=config.nbd_port,
             overcommit_ratio=config.overcommit_ratio,
             topology=dict(config.topology),
+            import_dir=config.import_dir,
         )
 
     @property
@@ -190,7 +221,7 @@ class StorageNode:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(config.data_dir)
         store = Store(config.db_path)
         try:
             exports = resolve_exports(config, store)
@@ -438,6 +469,7 @@ def version() -> str:
 def run(config: Config) -> int:
     import uvloop
 
+    os.umask(UMASK)  # inherited by the NBD workers and every child (qemu-img, copies)
     try:
         uvloop.run(StorageNode(config).run())
     except StartupError as exc:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import files
+from . import files, imports
 from .dataplane import DataPlane
 from .errors import (
     Aborted,
@@ -81,6 +81,7 @@ class NodeSettings:
     nbd_port: int
     overcommit_ratio: float = 1.0
     topology: dict[str, str] = field(default_factory=dict)
+    import_dir: Path | None = None  # ImportImage reads only here; None: disabled
 
     @property
     def volumes_dir(self) -> Path:
@@ -123,7 +124,8 @@ def _new_id(prefix: str) -> str:
 def check_name(name: str, what: str = "name") -> None:
     if not name or len(name) > MAX_NAME or not name.isprintable() or any(c.isspace() for c in name):
         raise InvalidArgument(
-            f"{what} must be 1 to {MAX_NAME} printable characters without spaces, got {name!r}"
+            f"{what} must be 1 to {MAX_NAME} printable characters without spaces, got "
+            f"{name[:MAX_NAME]!r}{f' ({len(name)} characters)' if len(name) > MAX_NAME else ''}"
         )
 
 
@@ -144,6 +146,42 @@ def check_limits(**values: int) -> None:
     for what, value in values.items():
         if value > MAX_LIMIT:
             raise InvalidArgument(f"{what} must be at most {MAX_LIMIT} (0: unlimited), got {value}")
+
+
+# Labels (docs/storage-node-api.md): bounded like Kubernetes metadata, so one volume can
+# never make a ListVolumes reply too big to send. Keys: a 253-character prefix, '/', a
+# 63-character name at most; values hold names like a PVC's (253) with room to spare.
+MAX_LABELS = 64
+MAX_LABEL_KEY = 317
+MAX_LABEL_VALUE = 1024
+MAX_LABELS_BYTES = 16 * 1024
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"a volume has at most {MAX_LABELS} labels, got {len(labels)}")
+    total = 0
+    for key, value in labels.items():
+        if (
+            not 0 < len(key) <= MAX_LABEL_KEY
+            or not key.isprintable()
+            or any(c.isspace() for c in key)
+        ):
+            raise InvalidArgument(
+                f"label keys are 1 to {MAX_LABEL_KEY} printable characters without spaces, "
+                f"got {key[:80]!r}{'...' if len(key) > 80 else ''}"
+            )
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise InvalidArgument(
+                f"label {key!r}: values are at most {MAX_LABEL_VALUE} printable characters, "
+                f"got {len(value)} characters"
+            )
+        total += len(key.encode()) + len(value.encode())
+    if total > MAX_LABELS_BYTES:
+        raise InvalidArgument(
+            f"labels take at most {MAX_LABELS_BYTES} bytes in all (keys and values, UTF-8), "
+            f"got {total}"
+        )
 
 
 def check_size(size: int) -> None:
@@ -287,6 +325,7 @@ class VolumeService:
         check_size(size)
         check_limits(qos_iops=qos[0], qos_bytes_per_second=qos[1])
         labels = dict(labels or {})
+        check_labels(labels)
         kind, source_id = source or ("", "")
         if kind:
             if kind not in ("snapshot", "volume", "image"):
@@ -637,8 +676,8 @@ class VolumeService:
         check_name(name)
         if fmt not in ("", "raw", "qcow2"):
             raise InvalidArgument(f"format must be raw or qcow2, got {fmt!r}")
-        if not os.path.isabs(source_path):
-            raise InvalidArgument(f"path must be absolute, got {source_path!r}")
+        if self.settings.import_dir is None:
+            raise imports.disabled()
         with self.inflight.guard(f"image name {name}"):
             existing = await self.store.run(lambda s: s.image_by_name(name))
             if existing is not None:
@@ -648,8 +687,9 @@ class VolumeService:
                         f"{existing.source_path}, format {existing.format or 'detected'})"
                     )
                 return existing
-            if not await self._io(os.path.isfile, source_path):
-                raise InvalidArgument(f"{source_path} is not a file on this storage node")
+            # Every check now, so a refused file is a clear error of this call; the
+            # conversion checks again on the file it opens.
+            await self._io(self._check_import, source_path, fmt)
             iid = _new_id("img")
             row = GoldenImageRow(
                 id=iid,
@@ -663,9 +703,23 @@ class VolumeService:
             self._spawn(self._convert(row))
             return row
 
+    def _check_import(self, source_path: str, fmt: str) -> None:
+        with imports.open_source(self.settings.import_dir, source_path, fmt) as source:
+            size = imports.inspect(source)
+        if size > MAX_VOLUME_SIZE:
+            raise InvalidArgument(
+                f"{source_path} is {human(size)}, more than a volume can hold "
+                f"({human(MAX_VOLUME_SIZE)})"
+            )
+
+    def _convert_file(self, row: GoldenImageRow) -> None:
+        with imports.open_source(self.settings.import_dir, row.source_path, row.format) as source:
+            imports.inspect(source)
+            files.convert_image(imports.qemu_source(source), Path(row.path), (source.fd,))
+
     async def _convert(self, row: GoldenImageRow) -> None:
         try:
-            await self._io(files.convert_image, Path(row.source_path), Path(row.path), row.format)
+            await self._io(self._convert_file, row)
             size = await self._io(files.image_size, Path(row.path))
             await self.store.run(lambda s: s.set_image(row.id, size=size, ready=True))
             log.info("image %s (%s) imported: %d bytes", row.id, row.name, size)

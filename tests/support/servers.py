@@ -52,8 +52,10 @@ def stop_process(
     return proc.returncode
 
 
-def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A certificate and key for 127.0.0.1, valid one day (openssl)."""
+def self_signed_certificate(
+    directory: Path, name: str, san: str = "IP:127.0.0.1"
+) -> tuple[Path, Path]:
+    """A certificate and key for `san` (default 127.0.0.1), valid one day (openssl)."""
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
@@ -70,7 +72,7 @@ def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
             "-subj",
             f"/CN={name}",
             "-addext",
-            "subjectAltName=IP:127.0.0.1",
+            f"subjectAltName={san}",
             "-keyout",
             str(key),
             "-out",
@@ -109,7 +111,8 @@ class ServerHandle:
 
 
 def _spawn(argv: Sequence[str], port: int, log: Path, **kw: object) -> ServerHandle:
-    with open(log, "ab") as out:
+    # 0600 like everything else in a storage node's data directory, where logs are kept.
+    with open(log, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, **kw)  # type: ignore[call-overload]
     handle = ServerHandle(proc=proc, port=port, log=log, argv=list(argv))
     try:
