@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .config import parse_port
+
 CTX_HOST = "nbd.csi.dev/host"
 CTX_PORT = "nbd.csi.dev/port"
 CTX_EXPORT = "nbd.csi.dev/export"
@@ -39,13 +41,14 @@ class Target:
         missing = [k for k in (CTX_HOST, CTX_PORT, CTX_EXPORT) if not context.get(k)]
         if missing:
             raise ValueError(f"publish_context lacks {', '.join(missing)}")
-        port = context[CTX_PORT]
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"publish_context {CTX_PORT} {port!r} is not a port")
+        try:
+            port = parse_port(context[CTX_PORT])
+        except ValueError as exc:
+            raise ValueError(f"publish_context {CTX_PORT}: {exc}") from None
         readonly = context.get(CTX_READONLY, "false").lower()
         if readonly not in ("true", "false"):
             raise ValueError(f"publish_context {CTX_READONLY} {readonly!r} is not true/false")
-        return cls(context[CTX_HOST], int(port), context[CTX_EXPORT], readonly == "true")
+        return cls(context[CTX_HOST], port, context[CTX_EXPORT], readonly == "true")
 
     def context(self) -> dict[str, str]:
         return {

@@ -22,6 +22,11 @@ DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 
 # Storage node ids end up inside volume ids, so they stay short and free of separators.
 _NODE_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# A DNS name as certificates carry it (RFC 1123 labels, at most 253 characters).
+_SERVER_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _UNIX_PATH_MAX = 107
 
@@ -148,6 +153,9 @@ class Config:
     probe_timeout: float = 3.0
     # How long in-flight calls may run after SIGTERM before they are cancelled.
     shutdown_grace: float = 5.0
+    # The name checked in every storage node's TLS certificate, whatever address is dialled
+    # ("" : the address itself).
+    storage_tls_server_name: str = ""
 
 
 def vendor_version() -> str:
@@ -157,11 +165,23 @@ def vendor_version() -> str:
         return FALLBACK_VERSION
 
 
+def parse_port(text: str) -> int:
+    """A TCP port in ASCII digits, 1-65535. str.isdigit alone takes other scripts' digits
+    ("\u0661\u0660"), which int() reads, and any number of them."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
+        raise ValueError(f"port {text[:20]!r} is not a number from 1 to 65535")
+    return int(text)
+
+
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host:
         raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        number = parse_port(port)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not HOST:PORT: {exc}") from None
+    return host.strip("[]"), number
 
 
 def parser() -> argparse.ArgumentParser:
@@ -200,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="PEM CA certificate: talk TLS to the storage nodes and trust this CA",
+    )
+    p.add_argument(
+        "--storage-tls-server-name",
+        default="",
+        metavar="NAME",
+        help="the name every storage node's certificate must carry (its SAN), checked "
+        "whatever address is dialled; needs --storage-tls-ca (default: the dialled address)",
     )
     p.add_argument(
         "--node-id",
@@ -305,6 +332,11 @@ def from_args(argv: list[str] | None = None) -> Config:
         p.error(f"--storage-node ids must be unique, got {', '.join(ids)}")
     if (nodes or args.storage_node_service) and args.storage_token_file is None:
         p.error("--storage-node needs --storage-token-file (the management API wants a token)")
+    server_name = args.storage_tls_server_name
+    if server_name and args.storage_tls_ca is None:
+        p.error("--storage-tls-server-name needs --storage-tls-ca (it names what TLS checks)")
+    if server_name and not _SERVER_NAME.match(server_name):
+        p.error(f"--storage-tls-server-name {server_name[:80]!r} is not a DNS name")
     node_id = args.node_id if args.node_id is not None else socket.gethostname()
     if not node_id:
         p.error("--node-id must not be empty")
@@ -358,6 +390,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         kube=kube_options,
         metrics_listen=metrics_listen,
         vendor_version=vendor_version(),
+        storage_tls_server_name=server_name,
     )
 
 

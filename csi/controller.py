@@ -69,6 +69,10 @@ PV_NAME = "csi.storage.k8s.io/pv/name"
 IOPS = "iops"
 BANDWIDTH = "bandwidth"
 QOS_PARAMETERS = (IOPS, BANDWIDTH)
+# Bounds of a QoS value: its text (a quantity like "1.5Gi" needs few characters; millions of
+# digits made decimal arithmetic overflow) and its number (the storage node's signed 64 bits).
+MAX_QUANTITY_CHARS = 32
+MAX_QOS = (1 << 63) - 1
 # Keys the CO adds on its own (csi-provisioner: secrets references, fstype, extra metadata).
 CO_PREFIX = "csi.storage.k8s.io/"
 
@@ -227,21 +231,41 @@ def qos_parameters(parameters: dict[str, str], base: sn.Qos | None = None) -> sn
     qos = sn.Qos()
     if base is not None:
         qos.CopyFrom(base)
+    if IOPS in parameters:
+        qos.iops = qos_quantity(parameters[IOPS], IOPS)
+    if BANDWIDTH in parameters:
+        qos.bytes_per_second = qos_quantity(parameters[BANDWIDTH], BANDWIDTH)
+    return qos
+
+
+def qos_quantity(value: str, key: str) -> int:
+    """A QoS parameter: a quantity in ASCII digits, at most MAX_QUANTITY_CHARS long and at most
+    MAX_QOS (what the storage node stores), else INVALID_ARGUMENT naming the key."""
+    if len(value) > MAX_QUANTITY_CHARS:
+        raise InvalidArgument(
+            f"{key}: a quantity has at most {MAX_QUANTITY_CHARS} characters, got {len(value)}"
+        )
     try:
-        if IOPS in parameters:
-            qos.iops = parse_quantity(parameters[IOPS], IOPS)
-        if BANDWIDTH in parameters:
-            qos.bytes_per_second = parse_quantity(parameters[BANDWIDTH], BANDWIDTH)
+        number = parse_quantity(value, key)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
-    return qos
+    if number > MAX_QOS:
+        raise InvalidArgument(f"{key}: {value!r} is more than the maximum {MAX_QOS}")
+    return number
+
+
+def key_list(keys: list[str]) -> str:
+    """Parameter keys for an error message, each cut short: a message must stay small enough
+    for the status trailer whatever the request held."""
+    shown = [k if len(k) <= 64 else k[:61] + "..." for k in sorted(keys)[:8]]
+    return ", ".join(shown) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
 def check_mutable(parameters: dict[str, str]) -> dict[str, str]:
     unknown = [k for k in parameters if k not in QOS_PARAMETERS]
     if unknown:
         raise InvalidArgument(
-            f"mutable parameters {', '.join(sorted(unknown))} are not supported "
+            f"mutable parameters {key_list(unknown)} are not supported "
             f"(supported: {', '.join(QOS_PARAMETERS)})"
         )
     qos_parameters(parameters)  # every value checked before anything changes
@@ -387,8 +411,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         unknown = [k for k in parameters if k not in QOS_PARAMETERS and not k.startswith(CO_PREFIX)]
         if unknown:
             raise InvalidArgument(
-                f"unknown parameters {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(QOS_PARAMETERS)})"
+                f"unknown parameters {key_list(unknown)} (known: {', '.join(QOS_PARAMETERS)})"
             )
         # A VolumeAttributesClass's parameters take precedence over the StorageClass's
         # (csi-spec, CreateVolumeRequest.mutable_parameters).
@@ -663,7 +686,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         ]
         if unknown:
             return pb.ValidateVolumeCapabilitiesResponse(
-                message=f"unknown parameters {', '.join(unknown)}"
+                message=f"unknown parameters {key_list(unknown)}"
             )
         return pb.ValidateVolumeCapabilitiesResponse(
             confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(

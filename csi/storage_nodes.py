@@ -46,14 +46,18 @@ class StorageNodeClient:
         address: StorageNodeAddress,
         token: str,
         credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ) -> None:
         self.address = address
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(address.target, options=_CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.aio.secure_channel(
-                address.target, credentials, options=_CHANNEL_OPTIONS
-            )
+            # One name for every node (the chart's certificate), whatever IP is dialled:
+            # discovered nodes are dialled by their pod IPs, which no certificate can list.
+            options: list[tuple[str, str | int]] = [*_CHANNEL_OPTIONS]
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.aio.secure_channel(address.target, credentials, options=options)
         self.stub = pb_grpc.StorageNodeStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._topology: dict[str, str] | None = None
@@ -94,11 +98,13 @@ class StorageNodes:
         probe_timeout: float,
         token: str = "",
         credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ) -> None:
         self._clients = {c.id: c for c in clients}
         self.probe_timeout = probe_timeout
         self._token = token
         self._credentials = credentials
+        self._server_name = server_name
         # Ids seen through discovery that are not in the Service now: volumes on them still
         # exist, so their ids must not be taken for unknown ones.
         self._away: dict[str, StorageNodeClient] = {}
@@ -119,8 +125,13 @@ class StorageNodes:
             if config.storage_tls_ca is not None:
                 ca = _read_text(config.storage_tls_ca, "--storage-tls-ca").encode()
                 credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-            clients = [StorageNodeClient(a, token, credentials) for a in config.storage_nodes]
-        return cls(clients, config.probe_timeout, token, credentials)
+            server_name = config.storage_tls_server_name
+            clients = [
+                StorageNodeClient(a, token, credentials, server_name) for a in config.storage_nodes
+            ]
+        return cls(
+            clients, config.probe_timeout, token, credentials, config.storage_tls_server_name
+        )
 
     def __iter__(self) -> Iterator[StorageNodeClient]:
         """The nodes in service, in the order of their ids."""
@@ -159,7 +170,7 @@ class StorageNodes:
             if client is None:
                 host, _, port = target.rpartition(":")
                 probe = StorageNodeAddress("pending", host.strip("[]"), int(port))
-                client = StorageNodeClient(probe, self._token, self._credentials)
+                client = StorageNodeClient(probe, self._token, self._credentials, self._server_name)
                 try:
                     info = await client.node_info(self.probe_timeout)
                 except StorageNodeError as exc:
