@@ -281,8 +281,13 @@ def from_args(argv: list[str] | None = None) -> Config:
         )
     if args.overcommit_ratio <= 0:
         p.error("--overcommit-ratio must be positive")
-    if args.import_dir is not None and not args.import_dir.is_dir():
-        p.error(f"--import-dir {args.import_dir} is not a directory")
+    if args.import_dir is not None:
+        if not args.import_dir.is_dir():
+            p.error(f"--import-dir {args.import_dir} is not a directory")
+        imports, data = args.import_dir.resolve(), Path(args.data_dir).resolve()
+        if imports.is_relative_to(data) or data.is_relative_to(imports):
+            # The catalogue, the token and every tenant's images would be importable.
+            p.error(f"--import-dir {args.import_dir} must be outside --data-dir, and not hold it")
     topology = {}
     for item in args.topology:
         key, sep, value = item.partition("=")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.servers import REPO
 
 MiB = 1 << 20
 TENANT_A_BYTE = 0x5A
@@ -210,3 +212,27 @@ def test_a_symlink_inside_the_import_dir_is_followed(node: ApiNode, import_dir: 
         import_image(node.api, "via-inner-link", import_dir / "alias.raw"),
         "read -P 0x77 0 1M",
     )
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_import_dir_overlapping_the_data_dir_is_refused(tmp_path: Path, where: str) -> None:
+    """Else the catalogue, the token and every tenant's images could be imported."""
+    data = tmp_path / "top" / "data"
+    imports = {"same": data, "inside": data / "imports", "around": tmp_path / "top"}[where]
+    imports.mkdir(parents=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "storage_node",
+            *("--data-dir", str(data)),
+            *("--import-dir", str(imports)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "must be outside --data-dir" in result.stderr
