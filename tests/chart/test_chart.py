@@ -87,7 +87,7 @@ RELEASES = {"default": "nbd", "ha-monitoring-qos": "nbd", "tls-own-token-root": 
 # Kubernetes versions each set is validated against (VolumeAttributesClass v1beta1 from 1.31).
 KUBE_VERSIONS = {
     "default": (OLDEST_KUBE, NEWEST_KUBE),
-    "ha-monitoring-qos": ("1.31.0", NEWEST_KUBE),
+    "ha-monitoring-qos": (NEWEST_KUBE,),
     "tls-own-token-root": (OLDEST_KUBE, NEWEST_KUBE),
 }
 
@@ -126,15 +126,8 @@ def kubelet_dir(rendered: Rendered) -> str:
 
 @pytest.mark.parametrize("name", list(VALUES_SETS))
 def test_lint_strict_is_clean(name: str) -> None:
-    # QoS tiers in storage.k8s.io/v1beta1 (what the default sidecars read) are deprecated from
-    # Kubernetes 1.34, which lint reports: lint that set as for the newest cluster it suits.
-    kube_version = "v1.33.0" if name == "ha-monitoring-qos" else None
-    assert lint(VALUES_SETS[name], kube_version) == []
-
-
-def test_lint_reports_deprecated_qos_tiers_on_kubernetes_1_34() -> None:
-    problems = lint(VALUES_SETS["ha-monitoring-qos"], "v1.34.0")
-    assert problems and all("VolumeAttributesClass is deprecated" in p for p in problems)
+    assert lint(VALUES_SETS[name]) == []
+    assert lint(VALUES_SETS[name], "v1.34.0") == []
 
 
 def test_every_object_validates(chart: Rendered) -> None:
@@ -482,7 +475,6 @@ def test_controller_sidecars(chart: Rendered) -> None:
     }  # fmt: skip
     socket = args_of(cs["nbd-csi-plugin"])["--endpoint"].removeprefix("unix://")
     replicas = chart.values.get("controller", {}).get("replicas", 1)
-    vac = chart.values.get("volumeAttributesClasses", {}).get("enabled", False)
     assert controller["spec"]["replicas"] == replicas
     for name, c in cs.items():
         if name == "nbd-csi-plugin":
@@ -495,10 +487,10 @@ def test_controller_sidecars(chart: Rendered) -> None:
     provisioner = args_of(cs["csi-provisioner"])
     assert "--extra-create-metadata" in provisioner
     assert provisioner["--default-fstype"] == "ext4"
-    gates = set(provisioner["--feature-gates"].split(","))
-    assert gates == {"Topology=true"} | ({"VolumeAttributesClass=true"} if vac else set())
-    resizer = args_of(cs["csi-resizer"])
-    assert resizer.get("--feature-gates") == ("VolumeAttributesClass=true" if vac else None)
+    # No feature gates: Topology and VolumeAttributesClass are GA and on in csi-provisioner v6
+    # and csi-resizer v2, and a sidecar refuses a gate it no longer knows.
+    assert "--feature-gates" not in provisioner
+    assert "--feature-gates" not in args_of(cs["csi-resizer"])
     assert "--extra-create-metadata" in args_of(cs["csi-snapshotter"])
     # The liveness probe sidecar serves the port the plugin container's probe asks.
     health = args_of(cs["liveness-probe"])["--health-port"]
@@ -563,6 +555,69 @@ def test_every_service_account_exists_and_the_api_user_is_bound(chart: Rendered)
     assert len(accounts) == 3
 
 
+# What each sidecar's deploy/kubernetes RBAC (rbac.yaml; csi-snapshotter's
+# csi-snapshotter/rbac-csi-snapshotter.yaml) grants its ClusterRole, for the releases in
+# values.yaml: (apiGroup, resource, verbs). Secrets rules are commented out there (optional).
+SIDECAR_CLUSTER_RULES: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
+    "csi-provisioner": [
+        ("", "persistentvolumes", ("get", "list", "watch", "create", "patch", "delete")),
+        ("", "persistentvolumeclaims", ("get", "list", "watch", "update")),
+        ("storage.k8s.io", "storageclasses", ("get", "list", "watch")),
+        ("", "events", ("list", "watch", "create", "update", "patch")),
+        # watch and update since v6.0.1/v6.2: its finalizer on a snapshot being restored.
+        ("snapshot.storage.k8s.io", "volumesnapshots", ("get", "list", "watch", "update")),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", ("get", "list")),
+        ("storage.k8s.io", "csinodes", ("get", "list", "watch")),
+        ("", "nodes", ("get", "list", "watch")),
+        ("storage.k8s.io", "volumeattachments", ("get", "list", "watch")),
+        ("storage.k8s.io", "volumeattributesclasses", ("get", "list", "watch")),
+    ],
+    "csi-attacher": [
+        ("", "persistentvolumes", ("get", "list", "watch", "update", "patch")),
+        ("storage.k8s.io", "csinodes", ("get", "list", "watch")),
+        ("storage.k8s.io", "volumeattachments", ("get", "list", "watch", "update", "patch")),
+        ("storage.k8s.io", "volumeattachments/status", ("patch",)),
+    ],
+    "csi-resizer": [
+        ("", "persistentvolumes", ("get", "list", "watch", "patch")),
+        ("", "persistentvolumeclaims", ("get", "list", "watch")),
+        ("", "pods", ("get", "list", "watch")),
+        ("", "persistentvolumeclaims/status", ("patch",)),
+        ("", "events", ("list", "watch", "create", "update", "patch")),
+        ("storage.k8s.io", "volumeattributesclasses", ("get", "list", "watch")),
+    ],
+    "csi-snapshotter": [
+        ("", "events", ("list", "watch", "create", "update", "patch")),
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses", ("get", "list", "watch")),
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshotcontents",
+            ("create", "get", "list", "watch", "update", "patch"),
+        ),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("update", "patch")),
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", ("get", "list", "watch")),
+        (
+            "groupsnapshot.storage.k8s.io",
+            "volumegroupsnapshotcontents",
+            ("get", "list", "watch", "update", "patch"),
+        ),
+        ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch")),
+    ],
+}
+# Left out (controller-clusterrole.yaml says why): the snapshotter's group snapshot rules, which
+# only its group snapshot controller uses, and it runs that only for a driver with the CSI
+# GroupController service (ours has none).
+NOT_GRANTED = {
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", "create"),
+    *(
+        (g, r, v)
+        for g, r, verbs in SIDECAR_CLUSTER_RULES["csi-snapshotter"]
+        if g == "groupsnapshot.storage.k8s.io"
+        for v in verbs
+    ),
+}
+
+
 def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered) -> None:
     name = f"{fullname(chart)}-controller"
     cluster = chart.one("ClusterRole", name)
@@ -580,21 +635,23 @@ def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered
         ("endpointslices", "list")
     }
     assert not any(g == "discovery.k8s.io" for g, _, _ in rules_of(cluster))
-    # The sidecars (their deploy/rbac.yaml).
-    assert grants(cluster, "", "persistentvolumes", "get", "list", "watch", "create", "delete")
-    assert grants(cluster, "", "persistentvolumeclaims", "get", "list", "watch", "update")
-    assert grants(cluster, "", "persistentvolumeclaims/status", "patch")
-    assert grants(cluster, "", "events", "create", "patch")
-    assert grants(cluster, "storage.k8s.io", "storageclasses", "get", "list", "watch")
-    assert grants(cluster, "storage.k8s.io", "csinodes", "get", "list", "watch")
-    assert grants(cluster, "", "nodes", "get", "list", "watch")
-    assert grants(cluster, "storage.k8s.io", "volumeattachments", "get", "list", "watch", "patch")
-    assert grants(cluster, "storage.k8s.io", "volumeattachments/status", "patch")
-    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotcontents", "update", "patch")
-    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch")
-    assert grants(cluster, "snapshot.storage.k8s.io", "volumesnapshotclasses", "get", "list")
-    vac = chart.values.get("volumeAttributesClasses", {}).get("enabled", False)
-    assert grants(cluster, "storage.k8s.io", "volumeattributesclasses", "get", "list") == vac
+    # Every rule each sidecar documents, except the ones the chart leaves out on purpose.
+    granted = rules_of(cluster)
+    for sidecar, rules in SIDECAR_CLUSTER_RULES.items():
+        for group, resource, verbs in rules:
+            for verb in verbs:
+                if (group, resource, verb) in NOT_GRANTED:
+                    assert (group, resource, verb) not in granted
+                    continue
+                assert (group, resource, verb) in granted, (sidecar, group, resource, verb)
+    # Nothing beyond the sidecars' rules and the plugin's own.
+    documented = {
+        (g, r, v)
+        for rules in SIDECAR_CLUSTER_RULES.values()
+        for g, r, verbs in rules
+        for v in verbs
+    }
+    assert {t for t in granted if t[0] != "nbd.csi.dev"} <= documented
     replicas = chart.values.get("controller", {}).get("replicas", 1)
     assert grants(role, "coordination.k8s.io", "leases", "get", "create", "update") == (
         replicas > 1
@@ -604,7 +661,7 @@ def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered
         assert "*" not in triple, triple
         assert triple[1] not in ("secrets", "pods/exec", "serviceaccounts/token"), triple
         if triple[1] == "pods":
-            assert triple[2] in ("list", "watch"), triple
+            assert triple[2] in ("get", "list", "watch"), triple
 
 
 # ---- classes --------------------------------------------------------------------------------
@@ -631,26 +688,52 @@ def test_volume_attributes_classes_are_qos_tiers(full: Rendered) -> None:
     tiers = {c["metadata"]["name"]: c for c in full.all("VolumeAttributesClass")}
     assert set(tiers) == {"nbd-qos-bronze", "nbd-qos-silver", "nbd-qos-gold"}
     for tier in tiers.values():
-        assert tier["apiVersion"] == "storage.k8s.io/v1beta1"
+        # The API csi-provisioner v6 and csi-resizer v2 (the default sidecars) read.
+        assert tier["apiVersion"] == "storage.k8s.io/v1"
         assert set(tier["parameters"]) == {"iops", "bandwidth"}
         assert tier["parameters"]["iops"].isdigit()
         assert re.fullmatch(r"\d+(Ki|Mi|Gi)?", tier["parameters"]["bandwidth"])
     assert tiers["nbd-qos-silver"]["parameters"]["bandwidth"] == "200Mi"
 
 
-def test_volume_attributes_classes_v1_with_newer_sidecars() -> None:
-    """Kubernetes 1.34+: the v1 API, csi-provisioner v6 and csi-resizer v2 (values.yaml)."""
+def test_volume_attributes_classes_v1beta1_with_older_sidecars() -> None:
+    """Kubernetes 1.31-1.33: the beta API, csi-provisioner v5 and csi-resizer v1 with their
+    VolumeAttributesClass gate, all set in values (docs/install.md)."""
+    gate = ["VolumeAttributesClass=true"]
     values = {
-        "volumeAttributesClasses": {"enabled": True, "apiVersion": "storage.k8s.io/v1"},
-        "sidecars": {"provisioner": {"featureGates": []}},
+        "volumeAttributesClasses": {"enabled": True, "apiVersion": "storage.k8s.io/v1beta1"},
+        "sidecars": {
+            "provisioner": {
+                "image": "registry.k8s.io/sig-storage/csi-provisioner:v5.3.0",
+                "featureGates": gate,
+            },
+            "resizer": {
+                "image": "registry.k8s.io/sig-storage/csi-resizer:v1.14.0",
+                "featureGates": gate,
+            },
+        },
     }
-    assert lint(values, "v1.34.0") == []
+    assert lint(values, "v1.33.0") == []
     rendered = render(values)
     tiers = rendered.all("VolumeAttributesClass")
-    assert tiers and all(t["apiVersion"] == "storage.k8s.io/v1" for t in tiers)
-    assert [p for t in tiers for p in validate(t, "1.34.0")] == []
-    provisioner = containers(rendered.workload("controller"))["csi-provisioner"]
-    assert args_of(provisioner)["--feature-gates"] == "VolumeAttributesClass=true"
+    assert tiers and all(t["apiVersion"] == "storage.k8s.io/v1beta1" for t in tiers)
+    assert [p for t in tiers for p in validate(t, "1.31.0")] == []
+    cs = containers(rendered.workload("controller"))
+    for sidecar in ("csi-provisioner", "csi-resizer"):
+        assert args_of(cs[sidecar])["--feature-gates"] == "VolumeAttributesClass=true"
+
+
+def test_default_sidecars_are_the_releases_for_current_kubernetes() -> None:
+    sidecars = yaml.safe_load((CHART / "values.yaml").read_text())["sidecars"]
+
+    def major(name: str) -> int:
+        return int(sidecars[name]["image"].rpartition(":v")[2].split(".")[0])
+
+    # csi-provisioner v6 and csi-resizer v2 read the v1 VolumeAttributesClass API (1.34+).
+    assert (major("provisioner"), major("resizer")) == (6, 2)
+    assert major("snapshotter") == 8 and major("attacher") == 4
+    for name in ("provisioner", "resizer"):
+        assert sidecars[name]["featureGates"] == [], name
 
 
 def test_snapshot_class_and_cdi_storage_profile(default: Rendered) -> None:
