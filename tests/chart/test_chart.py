@@ -1,18 +1,19 @@
 """The Helm chart (charts/nbd-csi), rendered offline with Helm's engine (docs/install.md).
 
 Owns the proof that the chart renders, lints and is coherent, for the default values and for
-sets that change what the templates branch on (another kubelet directory, two controller
-replicas, monitoring and QoS tiers on, TLS, an own token Secret, a root storage node, optional
-objects off). For each set: `helm lint --strict` is clean; every object validates with
-kubernetes-validate (strict) against the oldest and newest Kubernetes the chart supports, or
-against the published schema facts of its custom kind; each template file holds one object
-(one kind for the QoS tiers). Across objects: the socket the registrar registers is the one
-the plugin listens on, under kubeletDir; the storage node Service's ports are the ones the
-storage nodes listen on, and it is the Service the controller discovers nodes from; the token
-Secret is mounted where the token file options point; the driver name is the same everywhere;
-every ServiceAccount exists, and the one that talks to the API is bound to what the plugin and
-sidecars need; ServiceMonitors select real Services and ports; the PrometheusRule's job is the
-ServiceMonitor's. The CRD in crds/ matches docs/tenant-quotas.md and validates its example.
+sets that change what the templates branch on (another kubelet directory, monitoring and QoS
+tiers on, each source of the storage API's TLS certificate and TLS off, an own token Secret, a
+root storage node, optional objects off). For each set: `helm lint --strict` is clean; every
+object validates with kubernetes-validate (strict) against the oldest and newest Kubernetes the
+chart supports, or against the published schema facts of its custom kind; each template file
+holds one object (one kind for the QoS tiers). Across objects: the socket the registrar
+registers is the one the plugin listens on, under kubeletDir; the storage node Service's ports
+are the ones the storage nodes listen on, and it is the Service the controller discovers nodes
+from; the token Secret is mounted where the token file options point; the driver name is the
+same everywhere; every ServiceAccount exists, and the one that talks to the API is bound to
+what the plugin and sidecars need; ServiceMonitors select real Services and ports; the
+PrometheusRule's job is the ServiceMonitor's. The CRD in crds/ matches docs/tenant-quotas.md
+and validates its example.
 
 Each values set is rendered once per module (fixtures), so the file runs in a few seconds.
 """
@@ -59,9 +60,8 @@ OLDEST_KUBE, NEWEST_KUBE = "1.30.0", "1.34.0"
 
 VALUES_SETS: dict[str, Obj] = {
     "default": {},
-    "ha-monitoring-qos": {
+    "monitoring-qos-certmanager": {
         "kubeletDir": "/var/lib/k0s/kubelet",
-        "controller": {"replicas": 2},
         "monitoring": {
             "storageNodeJob": "storage-nodes",
             "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
@@ -92,14 +92,14 @@ VALUES_SETS: dict[str, Obj] = {
 # Release names: "nbd" gets the suffix -nbd-csi; one that already says nbd-csi does not.
 RELEASES = {
     "default": "nbd",
-    "ha-monitoring-qos": "nbd",
+    "monitoring-qos-certmanager": "nbd",
     "tls-own-token-root": "nbd-csi",
     "plaintext": "nbd",
 }
 # Kubernetes versions each set is validated against (VolumeAttributesClass v1beta1 from 1.31).
 KUBE_VERSIONS = {
     "default": (OLDEST_KUBE, NEWEST_KUBE),
-    "ha-monitoring-qos": (NEWEST_KUBE,),
+    "monitoring-qos-certmanager": (NEWEST_KUBE,),
     "tls-own-token-root": (OLDEST_KUBE, NEWEST_KUBE),
     "plaintext": (OLDEST_KUBE, NEWEST_KUBE),
 }
@@ -118,7 +118,7 @@ def default() -> Rendered:
 
 @pytest.fixture(scope="module")
 def full() -> Rendered:
-    return render(VALUES_SETS["ha-monitoring-qos"])
+    return render(VALUES_SETS["monitoring-qos-certmanager"])
 
 
 def values_name(rendered: Rendered) -> str:
@@ -176,7 +176,7 @@ def test_what_each_values_set_renders(chart: Rendered) -> None:
         assert "Secret" in kinds and "VolumeSnapshotClass" in kinds and "StorageProfile" in kinds
         assert kinds.count("StorageClass") == 2
         assert not {"ServiceMonitor", "PrometheusRule", "VolumeAttributesClass"} & set(kinds)
-    if name == "ha-monitoring-qos":
+    if name == "monitoring-qos-certmanager":
         assert kinds.count("ServiceMonitor") == 3 and kinds.count("VolumeAttributesClass") == 3
         assert "PrometheusRule" in kinds and "ConfigMap" in kinds
     if name == "tls-own-token-root":
@@ -312,7 +312,7 @@ def test_topology_is_the_same_on_storage_nodes_and_node_plugins(chart: Rendered)
     storage_node = containers(chart.workload("storage-node"))["storage-node"]
     storage = repeated_args(storage_node, "--topology")
     assert node == storage
-    if values_name(chart) == "ha-monitoring-qos":
+    if values_name(chart) == "monitoring-qos-certmanager":
         assert node == ["topology.nbd.csi.dev/zone=a"]
 
 
@@ -612,8 +612,9 @@ def test_controller_sidecars(chart: Rendered) -> None:
         "liveness-probe",
     }  # fmt: skip
     socket = args_of(cs["nbd-csi-plugin"])["--endpoint"].removeprefix("unix://")
-    replicas = chart.values.get("controller", {}).get("replicas", 1)
-    assert controller["spec"]["replicas"] == replicas
+    # One replica, never two pods at once (docs/security.md: the quota fence).
+    assert controller["spec"]["replicas"] == 1
+    assert controller["spec"]["strategy"] == {"type": "Recreate"}
     for name, c in cs.items():
         if name == "nbd-csi-plugin":
             continue
@@ -621,7 +622,9 @@ def test_controller_sidecars(chart: Rendered) -> None:
         assert args["--csi-address"] == socket, name
         assert mount_of(c, "socket-dir")["mountPath"] == socket.rpartition("/")[0]
         if name != "liveness-probe":
-            assert ("--leader-election" in args) == (replicas > 1), name
+            # Each sidecar acts only while it holds its Lease: a pod cut off from the API
+            # server and its replacement never both act.
+            assert "--leader-election" in args, name
     provisioner = args_of(cs["csi-provisioner"])
     assert "--extra-create-metadata" in provisioner
     assert provisioner["--default-fstype"] == "ext4"
@@ -640,6 +643,14 @@ def test_controller_sidecars(chart: Rendered) -> None:
         str(ports(node_cs["nbd-csi-plugin"])["healthz"])
         == args_of(node_cs["liveness-probe"])["--health-port"]
     )
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 0])
+def test_a_controller_replica_count_other_than_one_is_refused(replicas: int) -> None:
+    message = rf"controller.replicas must be 1 \(got {replicas}\)"
+    with pytest.raises(Exception, match=message) as e:
+        render({"controller": {"replicas": replicas}})
+    assert "quota" in str(e.value) and "docs/security.md" in str(e.value)
 
 
 def test_controller_runs_unprivileged(chart: Rendered) -> None:
@@ -790,10 +801,7 @@ def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered
         for v in verbs
     }
     assert {t for t in granted if t[0] != "nbd.csi.dev"} <= documented
-    replicas = chart.values.get("controller", {}).get("replicas", 1)
-    assert grants(role, "coordination.k8s.io", "leases", "get", "create", "update") == (
-        replicas > 1
-    )
+    assert grants(role, "coordination.k8s.io", "leases", "get", "create", "update")
     # Least privilege: no secrets, no wildcards, nothing that runs code.
     for triple in rules_of(cluster) | rules_of(role):
         assert "*" not in triple, triple
@@ -814,7 +822,7 @@ def test_storage_classes(chart: Rendered) -> None:
     assert "csi.storage.k8s.io/fstype" not in block.get("parameters", {})
     params = block.get("parameters", {})
     assert all(isinstance(v, str) for v in params.values())
-    if values_name(chart) == "ha-monitoring-qos":
+    if values_name(chart) == "monitoring-qos-certmanager":
         assert params == {"iops": "3000", "bandwidth": "200Mi"}
     if "nbd-filesystem" in classes:
         fs = classes["nbd-filesystem"]
