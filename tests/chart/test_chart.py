@@ -167,7 +167,7 @@ def test_what_each_values_set_renders(chart: Rendered) -> None:
     kinds = sorted(o["kind"] for _, o in chart.objects)
     common = {
         "CSIDriver", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Deployment", "Role",
-        "RoleBinding", "Service", "ServiceAccount", "StorageClass",
+        "RoleBinding", "Service", "ServiceAccount", "StorageClass", "PodDisruptionBudget",
     }  # fmt: skip
     assert common <= set(kinds)
     assert kinds.count("DaemonSet") == 2 and kinds.count("ServiceAccount") == 3
@@ -300,7 +300,11 @@ def test_nbd_module_loaded_by_an_init_container_unless_the_host_does(chart: Rend
     modprobe = init["load-nbd-module"]
     max_volumes = args_of(containers(node)["nbd-csi-plugin"])["--max-volumes"]
     assert modprobe["command"] == ["modprobe", "nbd", f"nbds_max={max_volumes}"]
-    assert modprobe["securityContext"]["privileged"] is True
+    # Root with CAP_SYS_MODULE only: loading a module needs nothing more.
+    context = modprobe["securityContext"]
+    assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_MODULE"]}
+    assert context["runAsUser"] == 0 and context["readOnlyRootFilesystem"] is True
     assert mount_of(modprobe, "modules") == {
         "name": "modules", "mountPath": "/lib/modules", "readOnly": True,
     }  # fmt: skip
@@ -599,6 +603,57 @@ def test_our_programs_accept_the_charts_arguments(chart: Rendered) -> None:
     assert config.exports == () and not config.default_export
     tls = tls_values(chart).get("enabled", True)
     assert (config.tls_cert is not None) == tls
+
+
+def test_every_container_requests_resources(chart: Rendered) -> None:
+    for workload in iter_pod_workloads(chart):
+        for init in (False, True):
+            for c in containers(workload, init).values():
+                requests = c.get("resources", {}).get("requests", {})
+                assert {"cpu", "memory"} <= set(requests), (workload["metadata"]["name"], c["name"])
+
+
+def test_sidecar_resources_are_configurable() -> None:
+    values = {
+        "sidecars": {
+            "resources": {"requests": {"cpu": "20m", "memory": "40Mi"}},
+            "provisioner": {"resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
+        },
+        "controller": {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}}},
+    }
+    rendered = render(values)
+    cs = containers(rendered.workload("controller"))
+    assert cs["csi-provisioner"]["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"}}
+    for name in ("csi-attacher", "csi-resizer", "csi-snapshotter", "liveness-probe"):
+        assert cs[name]["resources"] == {"requests": {"cpu": "20m", "memory": "40Mi"}}, name
+    assert cs["nbd-csi-plugin"]["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
+    registrar = containers(rendered.workload("node"))["node-driver-registrar"]
+    assert registrar["resources"] == {"requests": {"cpu": "20m", "memory": "40Mi"}}
+
+
+def test_disruption_budgets_select_the_controller_and_the_storage_nodes(chart: Rendered) -> None:
+    budgets = {
+        b["metadata"]["labels"]["app.kubernetes.io/component"]: b
+        for b in chart.all("PodDisruptionBudget")
+    }
+    assert set(budgets) == {"controller", "storage-node"}
+    for component, budget in budgets.items():
+        assert budget["apiVersion"] == "policy/v1"
+        assert budget["spec"]["maxUnavailable"] == 1
+        workload = chart.workload(component)
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert selector == workload["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    off = render({"storageNode": {"podDisruptionBudget": {"enabled": False}}})
+    assert [b["metadata"]["name"] for b in off.all("PodDisruptionBudget")] == [
+        f"{fullname(off)}-controller"
+    ]
+
+
+def test_node_plugin_runs_as_root_although_the_image_does_not(chart: Rendered) -> None:
+    plugin = containers(chart.workload("node"))["nbd-csi-plugin"]
+    assert plugin["securityContext"]["runAsUser"] == 0
+    assert plugin["securityContext"]["privileged"] is True
 
 
 # ---- the controller's sidecars and rights ---------------------------------------------------
@@ -962,7 +1017,7 @@ def test_dashboard_configmap_holds_the_dashboard(full: Rendered) -> None:
 def test_images_are_ours_or_the_sidecars(chart: Rendered) -> None:
     sidecars = {
         v["image"] for v in yaml.safe_load((CHART / "values.yaml").read_text())["sidecars"].values()
-        if isinstance(v, dict)
+        if isinstance(v, dict) and "image" in v
     }  # fmt: skip
     ours = "localhost/nbd-csi:0.1.0"
     for workload in iter_pod_workloads(chart):

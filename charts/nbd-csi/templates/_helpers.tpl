@@ -123,3 +123,12 @@ annotation must see the same certificate).
 checksum/storage-api-tls: {{ include "nbd-csi.tls.generated" . | sha256sum | quote }}
 {{- end -}}
 {{- end }}
+
+{{- /*
+resources of a sidecar container: sidecars.<name>.resources, else sidecars.resources.
+(dict "ctx" $ "name" "provisioner")
+*/ -}}
+{{- define "nbd-csi.sidecarResources" -}}
+{{- $own := (index .ctx.Values.sidecars .name).resources -}}
+{{- $own | default .ctx.Values.sidecars.resources | toYaml -}}
+{{- end }}
