@@ -1133,3 +1133,31 @@ def test_crd_schema_checks_values(spec: Obj, ok: bool) -> None:
         "spec": spec,
     }
     assert (not list(crd_validator().iter_errors(obj))) == ok
+
+
+# ---- the threat model (docs/security.md) ------------------------------------------------------
+
+
+def test_security_doc_is_linked_and_covers_the_threat_model() -> None:
+    doc = (REPO / "docs" / "security.md").read_text()
+    assert "security.md" in (REPO / "README.md").read_text()
+    assert "(security.md)" in (REPO / "docs" / "install.md").read_text()
+    for topic in (
+        "anyone who can read VolumeAttachment",
+        "spoofing on the same L2",
+        "has no TLS of its own",
+        "IPsec",
+        "WireGuard",
+        "dedicated storage network",
+        "management API token",
+        "--import-dir",
+        "0600",
+        "What a compromised node can reach",
+        "One controller replica: the quota fence",
+    ):
+        assert topic in doc, topic
+    # The secret names it tells admins to guard are the ones the chart makes.
+    chart = render({})
+    for secret in chart.all("Secret"):
+        name = secret["metadata"]["name"].removeprefix(f"{fullname(chart)}-")
+        assert f"<release>-nbd-csi-{name}" in doc + (REPO / "docs" / "install.md").read_text()
