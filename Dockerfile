@@ -32,17 +32,25 @@ RUN apt-get update \
 RUN python3 -m venv /opt/pip
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY image-requirements.txt pyproject.toml README.md ./
 COPY csi ./csi
 COPY storage_node ./storage_node
 
-# One wheel per distribution: ours built from /src, the dependencies as published (the
-# versions pyproject.toml allows). Then the image's venv, without pip, gets exactly those
-# wheels and nothing from the network.
-RUN /opt/pip/bin/pip wheel --no-cache-dir --wheel-dir /wheels . \
+# The dependencies are exactly image-requirements.txt (scripts/lock-image-deps.sh makes it from
+# pyproject.toml): one version of each, downloaded as published wheels and checked against the
+# sha256 hashes there (--require-hashes; --only-binary, so nothing is compiled here and every
+# file is one PyPI published). Our own wheel is built from /src without its dependencies. Then
+# the image's venv, without pip, gets exactly those wheels, again checked by hash, and nothing
+# from the network; pip check proves the lock covers what pyproject.toml asks for.
+RUN /opt/pip/bin/pip wheel --no-cache-dir --require-hashes --only-binary=:all: \
+        --wheel-dir /wheels -r image-requirements.txt \
+    && /opt/pip/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/own . \
     && python3 -m venv --without-pip /opt/nbd-csi \
     && /opt/pip/bin/pip --python /opt/nbd-csi/bin/python install --no-cache-dir \
-        --no-index --find-links /wheels nbd-csi \
+        --no-index --find-links /wheels --require-hashes -r image-requirements.txt \
+    && /opt/pip/bin/pip --python /opt/nbd-csi/bin/python install --no-cache-dir \
+        --no-index --no-deps /wheels/own/nbd_csi-*.whl \
+    && /opt/pip/bin/pip --python /opt/nbd-csi/bin/python check \
     && /opt/nbd-csi/bin/python -c 'import csi.__main__, storage_node.__main__'
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +87,9 @@ RUN apt-get update \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log
 
-# An account for the storage node and the controller, which the chart may run as this uid
-# (runAsUser: 65532). The node plugin runs as root: it is privileged to attach and mount.
+# An account for the storage node and the controller, and the image's default user (USER
+# below, by number so that runAsNonRoot can check it). The node plugin overrides it to root in
+# the chart (runAsUser: 0): it is privileged to attach and mount.
 RUN groupadd --system --gid 65532 nbd-csi \
     && useradd --system --uid 65532 --gid 65532 --home-dir /var/lib/nbd-csi \
         --no-create-home --shell /usr/sbin/nologin nbd-csi \
@@ -93,6 +102,7 @@ ENV PATH=/opt/nbd-csi/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /var/lib/nbd-csi
+USER 65532:65532
 
 # The program is the first argument: `storage_node ...` or `csi --mode controller|node ...`,
 # the same module names as `python -m` in the README (docs/image.md).

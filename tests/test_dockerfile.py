@@ -11,6 +11,10 @@ Fast checks, run by default:
     of our programs; OCI labels; no secret-looking ARG or ENV.
 (c) .dockerignore lets every COPY source in and keeps .git, .venv, caches, test artifacts and
     local storage node data out.
+(d) The image's Python dependencies are image-requirements.txt: every runtime dependency of
+    pyproject.toml pinned to a version it allows, with sha256 hashes, and the build installs
+    only those files (--require-hashes, published wheels only) plus our own wheel without
+    dependencies. The final stage runs as uid 65532.
 
 The build itself (scripts/build-image.sh: mmdebstrap base, buildah, both programs' --help run
 inside the image) takes minutes, so it is opt-in: the test exists only when
@@ -305,6 +309,92 @@ def test_no_secret_in_args_or_env(dockerfile: str) -> None:
         for word in shlex.split(instruction.args):
             name = word.partition("=")[0].upper()
             assert not any(s in name for s in SECRET_WORDS), f"secret-looking {instruction}"
+
+
+def test_final_stage_runs_as_the_unprivileged_user_by_number(final: Stage) -> None:
+    users = final.all("USER")
+    assert users, "the final stage sets USER"
+    # By number, so that the kubelet's runAsNonRoot can check it; the node plugin overrides it.
+    assert users[-1].args == "65532:65532"
+    # After every RUN, which run as root (apt-get, useradd).
+    assert all(run.line < users[-1].line for run in final.all("RUN"))
+
+
+# --- (d) the Python dependencies are locked with hashes -----------------------------------------
+
+LOCK = REPO_ROOT / "image-requirements.txt"
+LOCK_SCRIPT = REPO_ROOT / "scripts" / "lock-image-deps.sh"
+
+
+def read_lock() -> dict[str, tuple[str, list[str]]]:
+    """name (normalized) -> (version, sha256 hashes) of every requirement in the lock file."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    out: dict[str, tuple[str, list[str]]] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *options = line.split()
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^;\s]*)", requirement)
+        assert match, f"not pinned to one version: {line}"
+        hashes = [o.removeprefix("--hash=sha256:") for o in options]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), line
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        out[name] = (match.group(2), hashes)
+    return out
+
+
+def test_every_runtime_dependency_is_pinned_with_hashes() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock = read_lock()
+    assert lock
+    for name, (version, hashes) in lock.items():
+        assert hashes, f"{name}=={version} has no --hash"
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        requirement = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in lock, f"{spec} is not in image-requirements.txt: bash {LOCK_SCRIPT.name}"
+        assert requirement.specifier.contains(lock[name][0]), (
+            f"image-requirements.txt pins {name}=={lock[name][0]}, pyproject.toml asks {spec}: "
+            "run scripts/lock-image-deps.sh"
+        )
+    # Only what the runtime needs: no test or lint tool.
+    for spec in project["optional-dependencies"]["test"]:
+        name = re.sub(r"[-_.]+", "-", Requirement(spec).name).lower()
+        assert name not in lock, name
+    header = LOCK.read_text().splitlines()[:6]
+    assert "#    bash scripts/lock-image-deps.sh" in header, "made by the script"
+
+
+def test_the_build_installs_only_the_locked_files(stages: list[Stage]) -> None:
+    build = next(s for s in stages[:-1] if s.name)
+    copied = " ".join(c.args for c in build.all("COPY"))
+    assert "image-requirements.txt" in copied
+    pips = [
+        words
+        for run in build.all("RUN")
+        for words in shell_commands(run)
+        if words and words[0].endswith("/pip") and ("wheel" in words or "install" in words)
+    ]
+    with_lock = [w for w in pips if "-r" in w and w[w.index("-r") + 1] == "image-requirements.txt"]
+    # Downloaded by hash as published wheels, then installed by hash from those files only.
+    assert any("wheel" in w and "--only-binary=:all:" in w for w in with_lock)
+    assert any("install" in w and "--no-index" in w for w in with_lock)
+    assert all("--require-hashes" in w for w in with_lock) and len(with_lock) == 2
+    # Our own package: built and installed without dependencies, so nothing unlocked comes in.
+    for words in pips:
+        if words not in with_lock:
+            assert "--no-deps" in words, words
+    assert any(w[-1] == "check" for w in shell_commands_of(build)), "pip check after install"
+    assert LOCK_SCRIPT.is_file() and os.access(LOCK_SCRIPT, os.X_OK)
+
+
+def shell_commands_of(stage: Stage) -> list[list[str]]:
+    return [words for run in stage.all("RUN") for words in shell_commands(run)]
 
 
 # --- (c) .dockerignore -------------------------------------------------------------------------

@@ -137,7 +137,8 @@ def _kind(api_version: str, kind: str, spec: Obj, top: Obj | None = None) -> Obj
 
 # Facts from the published CRDs: snapshot.storage.k8s.io/v1 VolumeSnapshotClass
 # (kubernetes-csi/external-snapshotter), cdi.kubevirt.io/v1beta1 StorageProfile (CDI),
-# monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule (prometheus-operator). Only the
+# monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule (prometheus-operator),
+# cert-manager.io/v1 Issuer and Certificate (cert-manager). Only the
 # fields the chart uses are allowed: anything else is a typo the API server would drop or refuse.
 CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _kind(
@@ -237,6 +238,72 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
                         },
                         "additionalProperties": False,
                     },
+                },
+            },
+            "additionalProperties": False,
+        },
+    ),
+    ("cert-manager.io/v1", "Issuer"): _kind(
+        "cert-manager.io/v1",
+        "Issuer",
+        {
+            "type": "object",
+            "oneOf": [{"required": ["selfSigned"]}, {"required": ["ca"]}],
+            "properties": {
+                "selfSigned": {"type": "object", "additionalProperties": False},
+                "ca": {
+                    "type": "object",
+                    "required": ["secretName"],
+                    "properties": {"secretName": {"type": "string", "minLength": 1}},
+                    "additionalProperties": False,
+                },
+            },
+            "additionalProperties": False,
+        },
+    ),
+    ("cert-manager.io/v1", "Certificate"): _kind(
+        "cert-manager.io/v1",
+        "Certificate",
+        {
+            "type": "object",
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "isCA": {"type": "boolean"},
+                "duration": {"type": "string", "pattern": r"^(\d+(h|m|s))+$"},
+                "renewBefore": {"type": "string", "pattern": r"^(\d+(h|m|s))+$"},
+                "usages": {
+                    "type": "array",
+                    "items": {
+                        "enum": [
+                            "server auth",
+                            "client auth",
+                            "digital signature",
+                            "key encipherment",
+                            "cert sign",
+                        ]
+                    },
+                },
+                "privateKey": {
+                    "type": "object",
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                    "additionalProperties": False,
+                },
+                "issuerRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "kind": {"type": "string"},
+                        "group": {"type": "string"},
+                    },
+                    "additionalProperties": False,
                 },
             },
             "additionalProperties": False,
