@@ -553,22 +553,8 @@ def program_argv(container: Obj) -> tuple[str, list[str]]:
     return module, expanded
 
 
-# Options the chart passes that another branch is adding to the programs (issue 12): the
-# storage node's --insecure-api and the plugin's --storage-tls-server-name. Until a program
-# knows one, it is left out of the arguments parsed here; once it does, it is parsed like any
-# other and this list can go.
-PENDING_OPTIONS = {"storage_node": {"--insecure-api"}, "csi": {"--storage-tls-server-name"}}
-
-
-def known_options(module: str) -> set[str]:
-    parser = {"csi": csi.config.parser, "storage_node": storage_node.config.parser}[module]()
-    return {o for action in parser._actions for o in action.option_strings}
-
-
 def parsed(module: str, argv: list[str]) -> Any:
     parse = {"csi": csi.config.from_args, "storage_node": storage_node.config.from_args}[module]
-    unknown = PENDING_OPTIONS[module] - known_options(module)
-    argv = [a for a in argv if a.partition("=")[0] not in unknown]
     try:
         return parse(argv)
     except SystemExit as exc:  # argparse's error(): an option the program does not have
