@@ -13,9 +13,11 @@ Needs root (mounts, loop devices), nbdfuse (libnbd-bin), e2fsprogs and xfsprogs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -481,3 +483,68 @@ def test_one_operation_per_volume_at_a_time(harness: NodeHarness) -> None:
                 return "other volumes proceed"
 
     assert harness.call(overlap()) == "other volumes proceed"
+
+
+# -- children under load ---------------------------------------------------------------------
+
+STRESS_VOLUMES = 4
+STRESS_CYCLES = int(os.environ.get("NBDCSI_STRESS_CYCLES", "500"))
+
+
+@pytest.mark.slow
+def test_stage_unstage_cycles_with_parallel_rpcs_never_crash_a_child(
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
+) -> None:
+    """Issue 12: mkfs, mount and umount died with SIGSEGV when they were forked while other
+    threads were inside gRPC. 500 stage/unstage cycles of ext4 volumes (blkid, mount, umount
+    each time, mkfs the first), four volumes at once, while other threads keep calling
+    NodeGetInfo, NodeGetCapabilities and NodeGetVolumeStats: every call succeeds."""
+    vols = [attach_volume(storage_node, f"stress-{i}", 16 * MiB) for i in range(STRESS_VOLUMES)]
+    cap = mount_cap("ext4")
+    stop = threading.Event()
+    failures: list[str] = []
+    side_calls = [0]
+
+    def cycles(vol: Attached, count: int) -> None:
+        staging = tmp_path / vol.backend_id / "staging"
+        target = tmp_path / vol.backend_id / "target"
+        try:
+            for _ in range(count):
+                stage(harness, vol, staging, cap)
+                publish(harness, vol, staging, target, cap)
+                unpublish(harness, vol, target)
+                unstage(harness, vol, staging)
+        except grpc.RpcError as exc:
+            failures.append(f"{vol.volume_id}: {exc.code().name}: {exc.details()}")
+
+    def side_rpcs() -> None:
+        while not stop.is_set():
+            try:
+                harness.stub.NodeGetInfo(pb.NodeGetInfoRequest())
+                harness.stub.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
+                with contextlib.suppress(grpc.RpcError):  # NOT_FOUND between stages
+                    harness.stub.NodeGetVolumeStats(
+                        pb.NodeGetVolumeStatsRequest(
+                            volume_id=vols[0].volume_id,
+                            volume_path=str(tmp_path / vols[0].backend_id / "target"),
+                        )
+                    )
+            except grpc.RpcError as exc:
+                failures.append(f"side call: {exc.code().name}: {exc.details()}")
+                return
+            side_calls[0] += 1
+
+    per_volume = STRESS_CYCLES // STRESS_VOLUMES
+    workers = [threading.Thread(target=cycles, args=(v, per_volume)) for v in vols]
+    side = [threading.Thread(target=side_rpcs) for _ in range(2)]
+    for t in side + workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    for t in side:
+        t.join()
+    assert failures == []
+    assert side_calls[0] > 0
+    assert not _mounts_under(tmp_path / vols[0].backend_id)
+    assert not list((harness.config.node.state_dir / "volumes").glob("*.json"))
