@@ -208,6 +208,24 @@ class Mounter:
 
         return await self._thread(scan)
 
+    async def mount_points(self, device: str) -> list[str]:
+        """Where `device` is mounted (its filesystem) or bound (its device node)."""
+
+        def scan() -> list[str]:
+            try:
+                rdev = os.stat(device).st_rdev
+            except FileNotFoundError:
+                return []
+            number = f"{os.major(rdev)}:{os.minor(rdev)}"
+            name = os.path.basename(device)
+            return [
+                e.mount_point
+                for e in self._entries()
+                if e.major_minor == number or (e.fs_type == "devtmpfs" and e.root == f"/{name}")
+            ]
+
+        return await self._thread(scan)
+
     async def probe(self, device: str) -> tuple[str, str] | None:
         """What blkid finds on the device, low-level probe (no cache): ("TYPE", value) for a
         filesystem, ("PTTYPE", value) for a partition table, None for a blank device."""
