@@ -198,7 +198,11 @@ def test_node_get_info_without_topology_reports_the_node_segment(
         node=dataclasses.replace(harness.config.node, topology=()),
     )
     servicer = node.NodeServicer(harness.service, config)
-    info = harness.call(servicer.NodeGetInfo(pb.NodeGetInfoRequest(), None))
+
+    async def get_info() -> pb.NodeGetInfoResponse:
+        return await servicer.NodeGetInfo(pb.NodeGetInfoRequest(), None)  # type: ignore[arg-type]
+
+    info = harness.call(get_info())
     assert dict(info.accessible_topology.segments) == {NODE_TOPOLOGY_KEY: value}
 
 
