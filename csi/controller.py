@@ -36,6 +36,7 @@ from .config import Config
 from .errors import (
     Aborted,
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -292,6 +293,34 @@ def node_name(node_id: str) -> str:
     head = node_id.partition(";")[0]
     name, sep, _ = head.rpartition("@")
     return name if sep else head
+
+
+# A refusal for room (the tenant's quota, checked here or by the storage node's fence, or the
+# storage node's own capacity) must be a final error for the sidecars, else it means "still in
+# progress" and they retry the same request until it passes, after the user changed their mind:
+# - csi-resizer (pkg/util IsFinalError) treats CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE,
+#   RESOURCE_EXHAUSTED and ABORTED as in progress: the PVC stays ControllerResizeInProgress at
+#   the refused size and grows to it once the quota allows, even after the request was lowered.
+#   INVALID_ARGUMENT, OUT_OF_RANGE and NOT_FOUND are final *and* infeasible
+#   (IsResizeInfeasibleError): the PVC becomes ControllerResizeInfeasible, and with
+#   RecoverVolumeExpansionFailure the resizer then expands to whatever the PVC asks now, so a
+#   lowered request is what is retried. Hence OUT_OF_RANGE ("Unsupported capacity").
+# - csi-snapshotter (isCSIFinalError: the same five codes are not final) keeps the content's
+#   "volumesnapshot-being-created" annotation after a non-final error and keeps calling
+#   CreateSnapshot; while that annotation is there it never deletes the content, so a deleted
+#   VolumeSnapshot's create is retried until it succeeds and the snapshot outlives its owner.
+#   After a final error the annotation is removed; a content without a snapshot handle is then
+#   deleted without any DeleteSnapshot call. Hence FAILED_PRECONDITION, although the spec's
+#   table lists RESOURCE_EXHAUSTED for "not enough space" (docs/csi-driver.md).
+EXPANSION_REFUSED = "lower the requested size, or raise the quota and ask again"
+SNAPSHOT_REFUSED = "nothing was created; delete snapshots or raise the quota, then ask again"
+
+
+def _final_refusal(exc: CsiError, final: type[CsiError], advice: str) -> CsiError:
+    """`exc` itself, or `final` with its message when it is a refusal for room."""
+    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return exc
+    return final(f"{exc}; {advice}")
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -888,17 +917,20 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     )
                 return pb.CreateSnapshotResponse(snapshot=self._csi_snapshot(node, snap))
             node, volume = await self._existing_volume(request.source_volume_id)
-            async with self.quotas.admit(
-                volume.tenant,
-                node,
-                capacity_bytes=volume.size_bytes,
-                snapshots=1,
-                what=f"snapshot {request.name!r}",
-            ):
-                snap = await node.call(
-                    "CreateSnapshot",
-                    sn.CreateSnapshotRequest(name=name, volume_id=volume.id),
-                )
+            try:
+                async with self.quotas.admit(
+                    volume.tenant,
+                    node,
+                    capacity_bytes=volume.size_bytes,
+                    snapshots=1,
+                    what=f"snapshot {request.name!r}",
+                ):
+                    snap = await node.call(
+                        "CreateSnapshot",
+                        sn.CreateSnapshotRequest(name=name, volume_id=volume.id),
+                    )
+            except CsiError as exc:
+                raise _final_refusal(exc, FailedPrecondition, SNAPSHOT_REFUSED) from None
             log.info("snapshot %s:%s of %s created", node.id, snap.id, request.source_volume_id)
             return pb.CreateSnapshotResponse(snapshot=self._csi_snapshot(node, snap))
 
@@ -987,15 +1019,19 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             size = size_for(request.capacity_range, current=volume.size_bytes)
             if size > volume.size_bytes:
                 grow = size - volume.size_bytes
-                async with self.quotas.admit(
-                    volume.tenant,
-                    node,
-                    capacity_bytes=grow,
-                    what=f"growing volume {request.volume_id}",
-                ):
-                    volume = await node.call(
-                        "ExpandVolume", sn.ExpandVolumeRequest(volume_id=volume.id, size_bytes=size)
-                    )
+                try:
+                    async with self.quotas.admit(
+                        volume.tenant,
+                        node,
+                        capacity_bytes=grow,
+                        what=f"growing volume {request.volume_id}",
+                    ):
+                        volume = await node.call(
+                            "ExpandVolume",
+                            sn.ExpandVolumeRequest(volume_id=volume.id, size_bytes=size),
+                        )
+                except CsiError as exc:
+                    raise _final_refusal(exc, OutOfRange, EXPANSION_REFUSED) from None
                 log.info("volume %s grown to %d bytes", request.volume_id, size)
         # The node plugin refreshes the device size and grows a filesystem: needed for both
         # access types, since a block device's size is the kernel's copy of the NBD size.
