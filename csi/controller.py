@@ -36,6 +36,7 @@ from .config import Config
 from .errors import (
     Aborted,
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -45,6 +46,7 @@ from .errors import (
     Unavailable,
     rpc,
 )
+from .identity import NODE_TOPOLOGY_KEY
 from .kube import KubeClient, KubeError
 from .quota import DEFAULT_TENANT, TenantQuotas, human, parse_quantity
 from .storage_nodes import StorageNodeClient, StorageNodes
@@ -280,15 +282,69 @@ def split_id(value: str, kind: str) -> tuple[str, str] | None:
     return node_id, local
 
 
-def node_address(node_id: str) -> str | None:
-    """The address in a node id `NAME@ADDRESS` (docs/csi-driver.md), or None."""
-    name, sep, address = node_id.rpartition("@")
-    if not sep or not name:
-        return None
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return None
+@dataclass(frozen=True)
+class NodeId:
+    """A node id as the node plugin reports it (docs/csi-driver.md): `NAME@ADDRESS`, or
+    `NAME@ADDRESS;max-volumes=N` when the node limits how many volumes it attaches. The
+    name alone identifies the node: attachments made under an older form of its id (before
+    the limit was added, or before its address changed) are still the node's."""
+
+    name: str
+    address: str
+    max_volumes: int = 0  # 0: the node did not say
+
+    @classmethod
+    def parse(cls, value: str) -> NodeId | None:
+        head, _, options = value.partition(";")
+        name, sep, address = head.rpartition("@")
+        if not sep or not name:
+            return None
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            return None
+        max_volumes = 0
+        if options:
+            key, _, number = options.partition("=")
+            if key != "max-volumes" or not number.isdigit() or int(number) < 1:
+                return None
+            max_volumes = int(number)
+        return cls(name, address, max_volumes)
+
+
+def node_name(node_id: str) -> str:
+    """The node's name in any form of node id (the whole string if it has no `@`)."""
+    head = node_id.partition(";")[0]
+    name, sep, _ = head.rpartition("@")
+    return name if sep else head
+
+
+# A refusal for room (the tenant's quota, checked here or by the storage node's fence, or the
+# storage node's own capacity) must be a final error for the sidecars, else it means "still in
+# progress" and they retry the same request until it passes, after the user changed their mind:
+# - csi-resizer (pkg/util IsFinalError) treats CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE,
+#   RESOURCE_EXHAUSTED and ABORTED as in progress: the PVC stays ControllerResizeInProgress at
+#   the refused size and grows to it once the quota allows, even after the request was lowered.
+#   INVALID_ARGUMENT, OUT_OF_RANGE and NOT_FOUND are final *and* infeasible
+#   (IsResizeInfeasibleError): the PVC becomes ControllerResizeInfeasible, and with
+#   RecoverVolumeExpansionFailure the resizer then expands to whatever the PVC asks now, so a
+#   lowered request is what is retried. Hence OUT_OF_RANGE ("Unsupported capacity").
+# - csi-snapshotter (isCSIFinalError: the same five codes are not final) keeps the content's
+#   "volumesnapshot-being-created" annotation after a non-final error and keeps calling
+#   CreateSnapshot; while that annotation is there it never deletes the content, so a deleted
+#   VolumeSnapshot's create is retried until it succeeds and the snapshot outlives its owner.
+#   After a final error the annotation is removed; a content without a snapshot handle is then
+#   deleted without any DeleteSnapshot call. Hence FAILED_PRECONDITION, although the spec's
+#   table lists RESOURCE_EXHAUSTED for "not enough space" (docs/csi-driver.md).
+EXPANSION_REFUSED = "lower the requested size, or raise the quota and ask again"
+SNAPSHOT_REFUSED = "nothing was created; delete snapshots or raise the quota, then ask again"
+
+
+def _final_refusal(exc: CsiError, final: type[CsiError], advice: str) -> CsiError:
+    """`exc` itself, or `final` with its message when it is a refusal for room."""
+    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return exc
+    return final(f"{exc}; {advice}")
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -322,6 +378,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, nodes: StorageNodes, quotas: TenantQuotas) -> None:
         self.nodes = nodes
         self.quotas = quotas
+        self._node_locks: dict[str, asyncio.Lock] = {}
         self.inflight = InFlight()
 
     # -- lookups ---------------------------------------------------------------------------
@@ -548,7 +605,11 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         if not topologies:
             return True
         segments = await node.topology()
-        return any(all(segments.get(k) == v for k, v in t.segments.items()) for t in topologies)
+        # NODE_TOPOLOGY_KEY only names the consuming node, whom every storage node serves.
+        return any(
+            all(segments.get(k) == v for k, v in t.segments.items() if k != NODE_TOPOLOGY_KEY)
+            for t in topologies
+        )
 
     async def _check_topology(
         self, node: StorageNodeClient, requirement: pb.TopologyRequirement
@@ -614,8 +675,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
         check_capability(request.volume_capability)
-        address = node_address(request.node_id)
-        if address is None:
+        target = NodeId.parse(request.node_id)
+        if target is None:
             raise NotFound(f"node {request.node_id!r} does not exist (node ids are NAME@ADDRESS)")
         with self.inflight.guard(request.volume_id):
             node, volume = await self._existing_volume(request.volume_id)
@@ -623,16 +684,21 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if why:
                 raise InvalidArgument(f"volume {request.volume_id} cannot be published so: {why}")
             mode = request.volume_capability.access_mode.mode
-            attachment = await node.call(
-                "Publish",
-                sn.PublishRequest(
-                    volume_id=volume.id,
-                    node_id=request.node_id,
-                    node_address=address,
-                    readonly=request.readonly or mode in READER_MODES,
-                    multi_node=mode in MULTI_NODE_MODES,
-                ),
-            )
+            # One publish per node at a time while its attachments are counted, so two
+            # concurrent publishes cannot both take the last slot.
+            async with self._node_locks.setdefault(target.name, asyncio.Lock()):
+                if target.max_volumes:
+                    await self._check_attach_limit(target, f"{node.id}:{volume.id}")
+                attachment = await node.call(
+                    "Publish",
+                    sn.PublishRequest(
+                        volume_id=volume.id,
+                        node_id=request.node_id,
+                        node_address=target.address,
+                        readonly=request.readonly or mode in READER_MODES,
+                        multi_node=mode in MULTI_NODE_MODES,
+                    ),
+                )
         return pb.ControllerPublishVolumeResponse(
             publish_context={
                 CTX_HOST: attachment.nbd_host,
@@ -641,6 +707,36 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 CTX_READONLY: "true" if attachment.readonly else "false",
             }
         )
+
+    async def _check_attach_limit(self, target: NodeId, volume_id: str) -> None:
+        """RESOURCE_EXHAUSTED when the node has `max_volumes` other volumes attached, counted
+        on every storage node (csi-spec, ControllerPublishVolume: "Max volumes attached").
+        A storage node that does not answer is left out of the count with a warning: its
+        volumes cannot be staged meanwhile, and refusing every publish during its outage would
+        stop VMs whose volumes are elsewhere (the scheduler enforces the limit too)."""
+        nodes = list(self.nodes)
+        replies = await asyncio.gather(
+            *(n.call("ListAttachments", sn.ListAttachmentsRequest()) for n in nodes),
+            return_exceptions=True,
+        )
+        attached: set[str] = set()
+        for node, reply in zip(nodes, replies, strict=True):
+            if isinstance(reply, StorageNodeError):
+                log.warning("attach limit of %s: %s not counted: %s", target.name, node.id, reply)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            attached.update(
+                f"{node.id}:{a.volume_id}"
+                for a in reply.attachments
+                if node_name(a.node_id) == target.name
+            )
+        attached.discard(volume_id)  # published again (idempotent), or already there
+        if len(attached) >= target.max_volumes:
+            raise ResourceExhausted(
+                f"node {target.name} has {len(attached)} volumes attached, its limit is "
+                f"{target.max_volumes}"
+            )
 
     @rpc
     async def ControllerUnpublishVolume(
@@ -653,13 +749,17 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 # Gone volumes are unpublished everywhere: OK, so the attacher can finish.
                 return pb.ControllerUnpublishVolumeResponse()
             node, volume = found
+            reply = await node.call(
+                "ListAttachments", sn.ListAttachmentsRequest(volume_id=volume.id)
+            )
+            node_ids = [a.node_id for a in reply.attachments]
             if request.node_id:
-                node_ids = [request.node_id]
-            else:  # no node: unpublish from every node (csi-spec, ControllerUnpublishVolume)
-                reply = await node.call(
-                    "ListAttachments", sn.ListAttachmentsRequest(volume_id=volume.id)
-                )
-                node_ids = [a.node_id for a in reply.attachments]
+                # The node's attachments under any form of its id (NodeId): one made before
+                # its plugin reported the limit, or before its address changed, is still its.
+                # A node id of no valid form names no node: nothing is attached to it.
+                target = NodeId.parse(request.node_id)
+                node_ids = [n for n in node_ids if target and node_name(n) == target.name]
+            # else: no node: unpublish from every node (csi-spec, ControllerUnpublishVolume)
             for node_id in node_ids:
                 await node.call(
                     "Unpublish", sn.UnpublishRequest(volume_id=volume.id, node_id=node_id)
@@ -840,17 +940,20 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     )
                 return pb.CreateSnapshotResponse(snapshot=self._csi_snapshot(node, snap))
             node, volume = await self._existing_volume(request.source_volume_id)
-            async with self.quotas.admit(
-                volume.tenant,
-                node,
-                capacity_bytes=volume.size_bytes,
-                snapshots=1,
-                what=f"snapshot {request.name!r}",
-            ):
-                snap = await node.call(
-                    "CreateSnapshot",
-                    sn.CreateSnapshotRequest(name=name, volume_id=volume.id),
-                )
+            try:
+                async with self.quotas.admit(
+                    volume.tenant,
+                    node,
+                    capacity_bytes=volume.size_bytes,
+                    snapshots=1,
+                    what=f"snapshot {request.name!r}",
+                ):
+                    snap = await node.call(
+                        "CreateSnapshot",
+                        sn.CreateSnapshotRequest(name=name, volume_id=volume.id),
+                    )
+            except CsiError as exc:
+                raise _final_refusal(exc, FailedPrecondition, SNAPSHOT_REFUSED) from None
             log.info("snapshot %s:%s of %s created", node.id, snap.id, request.source_volume_id)
             return pb.CreateSnapshotResponse(snapshot=self._csi_snapshot(node, snap))
 
@@ -939,15 +1042,19 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             size = size_for(request.capacity_range, current=volume.size_bytes)
             if size > volume.size_bytes:
                 grow = size - volume.size_bytes
-                async with self.quotas.admit(
-                    volume.tenant,
-                    node,
-                    capacity_bytes=grow,
-                    what=f"growing volume {request.volume_id}",
-                ):
-                    volume = await node.call(
-                        "ExpandVolume", sn.ExpandVolumeRequest(volume_id=volume.id, size_bytes=size)
-                    )
+                try:
+                    async with self.quotas.admit(
+                        volume.tenant,
+                        node,
+                        capacity_bytes=grow,
+                        what=f"growing volume {request.volume_id}",
+                    ):
+                        volume = await node.call(
+                            "ExpandVolume",
+                            sn.ExpandVolumeRequest(volume_id=volume.id, size_bytes=size),
+                        )
+                except CsiError as exc:
+                    raise _final_refusal(exc, OutOfRange, EXPANSION_REFUSED) from None
                 log.info("volume %s grown to %d bytes", request.volume_id, size)
         # The node plugin refreshes the device size and grows a filesystem: needed for both
         # access types, since a block device's size is the kernel's copy of the NBD size.

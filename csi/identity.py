@@ -7,6 +7,8 @@ node it was given answers its management API.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any, Protocol
 
 from google.protobuf import wrappers_pb2
@@ -29,6 +31,22 @@ CAPABILITIES = (
     pb.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
     pb.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
 )
+
+
+# The topology key every node plugin reports when it was given no `--topology`: the CO needs
+# a segment from each node (the capability above is advertised), and this one names only the
+# node. Placement ignores it (csi/controller.py): every storage node is reachable from every
+# node over the network, so it constrains nothing.
+NODE_TOPOLOGY_KEY = "topology.nbd.csi.dev/node"
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+
+def node_topology_value(node_name: str) -> str:
+    """The node's name as a topology value (a label value: at most 63 characters of
+    [A-Za-z0-9._-]); a name that is not one is replaced by a stable digest of it."""
+    if _LABEL_VALUE.match(node_name):
+        return node_name
+    return "node-" + hashlib.sha256(node_name.encode()).hexdigest()[:32]
 
 
 class Readiness(Protocol):

@@ -4,6 +4,10 @@ Owns every subprocess the Node service runs (util-linux `blkid`, `mount`, `umoun
 e2fsprogs `mkfs.ext4`, `resize2fs`; xfsprogs `mkfs.xfs`, `xfs_growfs`) behind `Runner`, and
 the reading of /proc/self/mountinfo (what is mounted where, and what still holds a device).
 Everything blocking runs in a subprocess or an executor thread, never on the event loop.
+
+Children are started with posix_spawn (glibc: clone + exec, no fork handlers), never with
+fork(): uvloop's subprocesses fork, and a fork runs gRPC's at-fork handlers, which crash the
+child (SIGSEGV in cygrpc) while other threads are inside gRPC (docs/csi-node.md).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,19 +38,54 @@ class CommandError(Exception):
         self.output = output
 
 
+# Where the tools live when the plugin's PATH lacks the sbin directories.
+_SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def spawn_and_wait(argv: Sequence[str]) -> tuple[int, str]:
+    """Run `argv` to completion through posix_spawn; its exit code (negative: the signal) and
+    its output (stdout and stderr together). Blocking: call it from a thread."""
+    path = shutil.which(argv[0]) or shutil.which(argv[0], path=_SBIN)
+    if path is None:
+        return 127, f"{argv[0]}: command not found"
+    read_end, write_end = os.pipe()  # both close-on-exec: the child gets them by dup2 only
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = os.posix_spawn(
+            path,
+            list(argv),
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, write_end, 1),
+                (os.POSIX_SPAWN_DUP2, write_end, 2),
+            ],
+        )
+    except OSError as exc:
+        os.close(read_end)
+        return 126, f"{argv[0]}: {exc.strerror or exc}"
+    finally:
+        os.close(write_end)
+        os.close(devnull)
+    with open(read_end, "rb") as out:
+        text = out.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
 class Runner:
-    """Runs a command to completion; output is kept for the error message."""
+    """Runs a command to completion; output is kept for the error message. Each command waits
+    in a thread of its own pool, so a long mkfs does not hold up the mountinfo reads."""
+
+    def __init__(self, workers: int = 8) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spawn")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
 
     async def run(self, *argv: str, ok: Sequence[int] = (0,)) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        code = proc.returncode if proc.returncode is not None else -1
-        text = out.decode(errors="replace")
+        loop = asyncio.get_running_loop()
+        code, text = await loop.run_in_executor(self._executor, spawn_and_wait, argv)
         if code not in ok:
             raise CommandError(argv, code, text)
         return code, text
@@ -125,6 +165,7 @@ class Mounter:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.close()
 
     async def _thread(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -164,6 +205,24 @@ class Mounter:
             if holders.is_dir():
                 found += [f"held by {h.name}" for h in holders.iterdir()]
             return found
+
+        return await self._thread(scan)
+
+    async def mount_points(self, device: str) -> list[str]:
+        """Where `device` is mounted (its filesystem) or bound (its device node)."""
+
+        def scan() -> list[str]:
+            try:
+                rdev = os.stat(device).st_rdev
+            except FileNotFoundError:
+                return []
+            number = f"{os.major(rdev)}:{os.minor(rdev)}"
+            name = os.path.basename(device)
+            return [
+                e.mount_point
+                for e in self._entries()
+                if e.major_minor == number or (e.fs_type == "devtmpfs" and e.root == f"/{name}")
+            ]
 
         return await self._thread(scan)
 

@@ -55,6 +55,9 @@ _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _EXPORT_NAME_ZEROES = 124
+# More than any honest handshake sends (a greeting, a few infos, an ACK): a server that keeps
+# replying is cut off here, whatever the deadline of the caller.
+MAX_HANDSHAKE_BYTES = 1 << 20
 
 
 class HandshakeError(Exception):
@@ -147,6 +150,7 @@ class ClientHandshake:
         self._size: int | None = None
         self._flags = TransmissionFlag(0)
         self._blocks: tuple[int, int, int] | None = None
+        self._received = 0
 
     # -- public ---------------------------------------------------------------------------
 
@@ -172,6 +176,12 @@ class ClientHandshake:
             if data:
                 raise HandshakeProtocolError("the server sent data after the handshake ended")
             return b""
+        self._received += len(data)
+        if self._received > MAX_HANDSHAKE_BYTES:
+            raise HandshakeProtocolError(
+                f"the server sent more than {MAX_HANDSHAKE_BYTES} bytes without ending the "
+                "handshake"
+            )
         self._buffer += data
         out: list[bytes] = []
         while not self.done and self._step(out):

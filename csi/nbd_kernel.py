@@ -34,7 +34,8 @@ from typing import TypeVar
 
 from . import netlink as nl
 from .attach import AttachError, AttachEvents, Device, Health, Target
-from .nbd_dial import DialError, dial_many, query
+from .nbd_client import ExportInfo
+from .nbd_dial import Cancel, DialError, dial_many, query
 
 log = logging.getLogger("csi.nbd_kernel")
 T = TypeVar("T")
@@ -164,6 +165,30 @@ class KernelOptions:
 
 
 @dataclass
+class Backoff:
+    """The waits between reconnect attempts of one device. A storage node that does not
+    answer (restarting) is tried again soon: 50 ms doubling to 2 s, since every second counts
+    against the VM's I/O. One that answers and refuses the export (the attachment was revoked
+    while the device was staged) will not change its mind soon: 1 s doubling to 60 s."""
+
+    first: float = 0.05
+    cap: float = 2.0
+    refused_first: float = 1.0
+    refused_cap: float = 60.0
+    delay: float = 0.0
+
+    def next(self, *, refused: bool) -> float:
+        if refused:
+            self.delay = min(max(self.delay * 2, self.refused_first), self.refused_cap)
+        else:
+            self.delay = min(max(self.delay * 2, self.first), self.cap)
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = 0.0
+
+
+@dataclass
 class _Watched:
     volume_id: str
     device: Device
@@ -220,12 +245,40 @@ class KernelAttacher:
         self.sysfs = sysfs or Sysfs()
         self.dev = dev
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbd-netlink")
+        # Dials have threads of their own: a storage node that stalls a handshake must not
+        # hold up netlink requests (or other volumes' dials past the pool's size).
+        self._dials = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-dial")
+        self._cancels: set[Cancel] = set()
         self._watched: dict[str, _Watched] = {}
         self._events_sock: socket.socket | None = None
         self._closed = False
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _dial(
+        self, target: Target, connections: int
+    ) -> tuple[list[socket.socket], ExportInfo]:
+        """Connect and handshake within one deadline (`dial_timeout`); if the caller goes
+        away (its RPC was cancelled), the dial is cancelled too and its thread freed."""
+        return await self._dialling(dial_many, target.host, target.port, target.export, connections)
+
+    async def _query(self, target: Target) -> ExportInfo:
+        return await self._dialling(query, target.host, target.port, target.export)
+
+    async def _dialling(self, fn: Callable[..., T], *args: object) -> T:
+        cancel = Cancel()
+        self._cancels.add(cancel)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._dials, lambda: fn(*args, timeout=self.options.dial_timeout, cancel=cancel)
+            )
+        except asyncio.CancelledError:
+            cancel.cancel()
+            raise
+        finally:
+            self._cancels.discard(cancel)
 
     async def start(self) -> None:
         """Resolve the family and listen for dead links; fails when the kernel has no nbd.
@@ -250,6 +303,9 @@ class KernelAttacher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._watched.clear()
+        for cancel in list(self._cancels):
+            cancel.cancel()
+        self._dials.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.netlink.close()
 
@@ -258,9 +314,7 @@ class KernelAttacher:
     async def attach(self, volume_id: str, target: Target, index: int | None = None) -> Device:
         await self.start()
         o = self.options
-        socks, info = await self._run(
-            dial_many, target.host, target.port, target.export, o.connections, o.dial_timeout
-        )
+        socks, info = await self._dial(target, o.connections)
         try:
             params = nl.ConnectParams(
                 fds=[s.fileno() for s in socks],
@@ -352,9 +406,7 @@ class KernelAttacher:
         log.info("%s: detached %s", volume_id, device.path)
 
     async def refresh_size(self, volume_id: str, device: Device, target: Target) -> int:
-        info = await self._run(
-            query, target.host, target.port, target.export, self.options.dial_timeout
-        )
+        info = await self._query(target)
         if info.size != await self._run(self.sysfs.size, device.name):
             await self._run(
                 self.netlink.reconfigure, device.index, BACKEND_PREFIX + volume_id, (), info.size
@@ -442,18 +494,11 @@ class KernelAttacher:
 
     async def _reconnect(self, watched: _Watched) -> None:
         """Dial until the storage node answers, then RECONFIGURE the same device."""
-        delay = 0.05
+        backoff = Backoff()
         while not self._closed:
             watched.again = False
             try:
-                socks, _ = await self._run(
-                    dial_many,
-                    watched.target.host,
-                    watched.target.port,
-                    watched.target.export,
-                    watched.connections,
-                    self.options.dial_timeout,
-                )
+                socks, _ = await self._dial(watched.target, watched.connections)
                 try:
                     await self._run(
                         self.netlink.reconfigure,
@@ -469,9 +514,12 @@ class KernelAttacher:
                 if watched.lost_at is None:
                     log.info("%s: refreshing connections: %s", watched.volume_id, exc)
                     return  # nothing was known to be broken; the next LINK_DEAD will tell
-                log.warning("%s: reconnect failed: %s", watched.volume_id, exc)
+                refused = isinstance(exc, DialError) and exc.refused
+                delay = backoff.next(refused=refused)
+                log.warning(
+                    "%s: reconnect failed (next try in %.2fs): %s", watched.volume_id, delay, exc
+                )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
                 continue
             watched.last_error = ""
             if watched.lost_at is not None:
@@ -487,4 +535,4 @@ class KernelAttacher:
                 self.events.link_back(watched.volume_id, blackout)
             if not watched.again:
                 return
-            delay = 0.05
+            backoff.reset()

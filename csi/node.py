@@ -38,6 +38,7 @@ from .errors import (
     NotFound,
     rpc,
 )
+from .identity import NODE_TOPOLOGY_KEY, node_topology_value
 from .mounts import DEFAULT_FS, FILESYSTEMS, CommandError, Mounter
 from .nbd_dial import DialError
 from .nbd_kernel import KernelAttacher, KernelOptions
@@ -132,6 +133,7 @@ class Capability:
     fs_type: str = ""
     mount_flags: tuple[str, ...] = ()
     reader_only: bool = False
+    single_writer: bool = False  # SINGLE_NODE_SINGLE_WRITER: one target path at a time
 
     @classmethod
     def parse(cls, cap: pb.VolumeCapability) -> Capability:
@@ -139,9 +141,10 @@ class Capability:
         if mode == _Mode.UNKNOWN:
             raise InvalidArgument("volume_capability.access_mode is missing")
         reader = mode in _READER_MODES
+        single = mode == _Mode.SINGLE_NODE_SINGLE_WRITER
         kind = cap.WhichOneof("access_type")
         if kind == "block":
-            return cls(block=True, reader_only=reader)
+            return cls(block=True, reader_only=reader, single_writer=single)
         if kind != "mount":
             raise InvalidArgument("volume_capability needs an access type (block or mount)")
         if mode in _MULTI_WRITER_MODES:
@@ -151,7 +154,7 @@ class Capability:
             raise InvalidArgument(
                 f"fs_type {fs_type!r} is not supported (one of {', '.join(FILESYSTEMS)})"
             )
-        return cls(False, fs_type, tuple(cap.mount.mount_flags), reader)
+        return cls(False, fs_type, tuple(cap.mount.mount_flags), reader, single)
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ class NodeService:
                 fs_type=cap.fs_type,
                 mount_flags=list(cap.mount_flags),
                 readonly=target.readonly or cap.reader_only,
+                single_writer=cap.single_writer,
                 context=target.context(),
             )
             # Recorded before attaching: a crash in between leaves a record that a retry of
@@ -385,6 +389,10 @@ class NodeService:
 
     # -- publish -------------------------------------------------------------------------
 
+    async def is_staged(self, volume_id: str) -> bool:
+        record = await self._io(self.store.get, volume_id)
+        return record is not None and bool(record.device)
+
     async def _staged(self, volume_id: str) -> StagedVolume:
         record = await self._io(self.store.get, volume_id)
         if record is None or not record.device:
@@ -426,6 +434,19 @@ class NodeService:
                     f"{'read-only' if entry.readonly else 'read-write'}"
                 )
             return  # published already: NodePublish is idempotent
+        if cap.single_writer or record.single_writer:
+            # csi-spec, NodePublishVolume: a SINGLE_NODE_SINGLE_WRITER volume published at a
+            # second target path is FAILED_PRECONDITION.
+            others = [
+                p
+                for p in await self.mounter.mount_points(record.device)
+                if p not in (record.staging_path, target_path)
+            ]
+            if others:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published "
+                    f"at {others[0]}"
+                )
         if record.block:
             await self.mounter.make_file(target_path)
             await self.mounter.bind(record.device, target_path, ro, ())
@@ -530,6 +551,14 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.service = service
         self.config = config
 
+    async def _volume_path(self, volume_id: str, value: str) -> str:
+        """`volume_path` of NodeGetVolumeStats and NodeExpandVolume. A volume not staged here
+        is NOT_FOUND whatever the path (csi-spec: it "does not exist on specified
+        volume_path"), so only a known volume's path can be INVALID_ARGUMENT."""
+        if not os.path.isabs(value) and not await self.service.is_staged(volume_id):
+            raise NotFound(f"volume {volume_id} is not staged on this node")
+        return _path(value, "volume_path")
+
     @rpc
     async def NodeStageVolume(
         self, request: pb.NodeStageVolumeRequest, context: Any
@@ -594,7 +623,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request: pb.NodeGetVolumeStatsRequest, context: Any
     ) -> pb.NodeGetVolumeStatsResponse:
         volume_id = _require(request.volume_id, "volume_id")
-        path = _path(request.volume_path, "volume_path")
+        path = await self._volume_path(volume_id, request.volume_path)
         try:
             stats = await self.service.stats(volume_id, path)
         except CommandError as exc:
@@ -621,7 +650,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request: pb.NodeExpandVolumeRequest, context: Any
     ) -> pb.NodeExpandVolumeResponse:
         volume_id = _require(request.volume_id, "volume_id")
-        path = _path(request.volume_path, "volume_path")
+        path = await self._volume_path(volume_id, request.volume_path)
         required = request.capacity_range.required_bytes
         async with self.service.guard(volume_id):
             try:
@@ -646,13 +675,16 @@ class NodeServicer(pb_grpc.NodeServicer):
         self, request: pb.NodeGetInfoRequest, context: Any
     ) -> pb.NodeGetInfoResponse:
         node = self.config.node
-        topology = None
-        if node.topology:
-            topology = pb.Topology(segments=dict(node.topology))
+        # Always a segment: the plugin advertises VOLUME_ACCESSIBILITY_CONSTRAINTS, and a CO
+        # then needs topology keys from every node (docs/csi-node.md).
+        segments = dict(node.topology) or {
+            NODE_TOPOLOGY_KEY: node_topology_value(self.config.node_id)
+        }
         return pb.NodeGetInfoResponse(
-            node_id=f"{self.config.node_id}@{node.address}",
+            # The limit rides in the id: the controller sees only the id (docs/csi-driver.md).
+            node_id=f"{self.config.node_id}@{node.address};max-volumes={node.max_volumes}",
             max_volumes_per_node=node.max_volumes,
-            accessible_topology=topology,
+            accessible_topology=pb.Topology(segments=segments),
         )
 
 

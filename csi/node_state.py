@@ -32,6 +32,7 @@ class StagedVolume:
     fs_type: str = ""
     mount_flags: list[str] = field(default_factory=list)
     readonly: bool = False
+    single_writer: bool = False  # staged SINGLE_NODE_SINGLE_WRITER: one publication at most
     context: dict[str, str] = field(default_factory=dict, repr=False)
     device: str = ""  # /dev/nbdX once attached
     index: int = -1

@@ -1,10 +1,10 @@
 """Run the real Node service in-process, served over a real gRPC unix socket, for host tests.
 
-Owns: an asyncio loop in a background thread running `csi.node.start(...)` with an injected
-Attacher (tests/csi/loop_attacher.py: nbdfuse + loop devices, since this host's kernel has no
-NBD) and the real Mounter, behind a grpc.aio server; a blocking NodeStub for the tests; and the
-attachment a controller would make (storage node CreateVolume + Publish), turned into the
-publish_context of docs/csi-driver.md.
+Owns: an asyncio loop (uvloop, as in production) in a background thread running
+`csi.node.start(...)` with an injected Attacher (tests/csi/loop_attacher.py: nbdfuse + loop
+devices, since this host's kernel has no NBD) and the real Mounter, behind a grpc.aio server;
+a blocking NodeStub for the tests; and the attachment a controller would make (storage node
+CreateVolume + Publish), turned into the publish_context of docs/csi-driver.md.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from csi import node
@@ -55,7 +56,8 @@ class NodeHarness:
         self.socket_path = workdir / "node.sock"
         self.config = node_config(workdir / "state", self.socket_path)
         self.attacher_factory = attacher_factory
-        self.loop = asyncio.new_event_loop()
+        # uvloop, as the plugin runs: its subprocesses would fork (see csi/mounts.py).
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.channel: grpc.Channel | None = None

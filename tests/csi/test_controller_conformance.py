@@ -61,6 +61,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi.identity import NODE_TOPOLOGY_KEY
 from csi.v1 import csi_pb2 as pb
 from storage_node.v1 import storage_node_pb2 as sn
 
@@ -744,6 +745,83 @@ def test_publish_multi_node_block_volume_to_two_nodes(pool: Pool) -> None:
     pool.unpublish(volume.volume_id)
     assert pool.sn_attachments(volume.volume_id) == []
     assert list(get_volume(pool, volume.volume_id).status.published_node_ids) == []
+
+
+def test_attach_limit_in_the_node_id_is_enforced(pool: Pool) -> None:
+    """ControllerPublishVolume Errors, "Max volumes attached": RESOURCE_EXHAUSTED. The node
+    plugin reports its limit in its id (NAME@ADDRESS;max-volumes=N, docs/csi-driver.md); the
+    controller counts the node's attachments on every storage node (issue 13)."""
+    name = unique_name("limited")
+    node_id = f"{name}@127.0.0.9;max-volumes=4"
+    volumes = [pool.create(accessibility_requirements=in_zone("zone-a")) for _ in range(2)]
+    volumes += [pool.create(accessibility_requirements=in_zone("zone-b")) for _ in range(3)]
+    for volume in volumes[:4]:
+        pool.publish(volume.volume_id, node_id)
+    pool.publish(volumes[0].volume_id, node_id)  # published again: idempotent, not a fifth
+    fifth = PUB(volume_id=volumes[4].volume_id, node_id=node_id, volume_capability=BLOCK)
+    error: Any = expect_error(
+        pool.controller.ControllerPublishVolume, fifth, Code.RESOURCE_EXHAUSTED
+    )
+    assert "4" in error.details()
+    assert pool.sn_attachments(volumes[4].volume_id) == []
+    # A slot freed: the fifth fits.
+    pool.unpublish(volumes[0].volume_id, node_id)
+    pool.publish(volumes[4].volume_id, node_id)
+    # The old form of the id (no limit) is the same node: its attachments count, and
+    # unpublishing with the new form removes them.
+    pool.unpublish(volumes[4].volume_id, node_id)
+    pool.publish(volumes[4].volume_id, f"{name}@127.0.0.9")
+    again = PUB(volume_id=volumes[0].volume_id, node_id=node_id, volume_capability=BLOCK)
+    expect_error(pool.controller.ControllerPublishVolume, again, Code.RESOURCE_EXHAUSTED)
+    pool.unpublish(volumes[4].volume_id, node_id)
+    assert pool.sn_attachments(volumes[4].volume_id) == []
+    pool.publish(volumes[0].volume_id, node_id)
+    # A malformed limit is not a node id of ours.
+    for bad in (f"{name}@127.0.0.9;max-volumes=0", f"{name}@127.0.0.9;limit=4"):
+        request = PUB(volume_id=volumes[4].volume_id, node_id=bad, volume_capability=BLOCK)
+        expect_error(pool.controller.ControllerPublishVolume, request, Code.NOT_FOUND)
+    pool.unpublish(volumes[0].volume_id)
+    for volume in volumes:
+        pool.unpublish(volume.volume_id)
+        assert pool.sn_attachments(volume.volume_id) == []
+
+
+def test_concurrent_publishes_cannot_pass_the_attach_limit(pool: Pool) -> None:
+    """Publishes to one node are counted one at a time: of 6 at once with room for 2, exactly
+    2 succeed and the others are RESOURCE_EXHAUSTED (or ABORTED, never OK)."""
+    node_id = f"{unique_name('race')}@127.0.0.9;max-volumes=2"
+    volumes = [pool.create() for _ in range(6)]
+    futures = [
+        pool.controller.ControllerPublishVolume.future(
+            PUB(volume_id=v.volume_id, node_id=node_id, volume_capability=BLOCK),
+            timeout=CALL_TIMEOUT,
+        )
+        for v in volumes
+    ]
+    codes = [outcome(f)[0] for f in futures]
+    assert codes.count(Code.OK) == 2, codes
+    assert set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED}, codes
+    attached = [v for v in volumes if pool.sn_attachments(v.volume_id)]
+    assert len(attached) == 2
+    for volume in attached:
+        pool.unpublish(volume.volume_id)
+
+
+def test_create_volume_for_a_node_that_reports_only_its_node_segment(pool: Pool) -> None:
+    """A node plugin without --topology reports topology.nbd.csi.dev/node=NAME (the plugin
+    advertises VOLUME_ACCESSIBILITY_CONSTRAINTS); every storage node serves every node, so
+    that key never narrows placement, while a zone next to it still does (issue 13)."""
+    only_node = pb.Topology(segments={NODE_TOPOLOGY_KEY: "worker-1"})
+    volume = pool.create(
+        accessibility_requirements=pb.TopologyRequirement(
+            requisite=[only_node], preferred=[only_node]
+        )
+    )
+    assert volume.volume_id.partition(":")[0] in pool.nodes
+    with_zone = pb.Topology(segments={NODE_TOPOLOGY_KEY: "worker-1", ZONE: "zone-b"})
+    volume = pool.create(accessibility_requirements=pb.TopologyRequirement(requisite=[with_zone]))
+    assert volume.volume_id.startswith("sn-b:")
+    assert [dict(t.segments) for t in volume.accessible_topology] == [{ZONE: "zone-b"}]
 
 
 def test_unpublish_is_idempotent(pool: Pool) -> None:

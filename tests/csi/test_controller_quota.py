@@ -133,7 +133,7 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
     error = expect_error(
         pool.controller.CreateSnapshot,
         pb.CreateSnapshotRequest(name=unique_name("snap"), source_volume_id=volume.volume_id),
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        SNAPSHOT_REFUSED,
     )
     # Checked in order: the capacity is the first limit a second 3 MiB snapshot passes.
     assert "capacity quota" in str(error.details()) or "snapshots" in str(error.details())
@@ -156,7 +156,7 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
         pb.ControllerExpandVolumeRequest(
             volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=6 * MiB)
         ),
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        EXPANSION_REFUSED,
     )
     # Within the quota it grows.
     reply = pool.controller.ControllerExpandVolume(
@@ -166,6 +166,137 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
         timeout=CALL_TIMEOUT,
     )
     assert reply.capacity_bytes == 5 * MiB
+
+
+# How the sidecars classify a CreateSnapshot / ControllerExpandVolume error (external-snapshotter
+# isCSIFinalError, external-resizer IsFinalError and IsResizeInfeasibleError): these codes mean
+# "may still be in progress" and the request is retried as it was.
+SIDECAR_NOT_FINAL = {
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+RESIZE_INFEASIBLE = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.NOT_FOUND,
+}
+EXPANSION_REFUSED = grpc.StatusCode.OUT_OF_RANGE
+SNAPSHOT_REFUSED = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def expand(pool: Pool, volume_id: str, size: int) -> Any:
+    return pool.controller.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=size)
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+
+
+def test_an_over_quota_expansion_can_be_withdrawn(pool: Pool, kube: KubeApi) -> None:
+    """Issue 13: the refusal is final and infeasible for csi-resizer, so with
+    RecoverVolumeExpansionFailure the PVC becomes ControllerResizeInfeasible and the resizer's
+    next call carries the size the user asks *now*: lowered, it is that size the volume gets,
+    and raising the quota later does not bring the withdrawn size back."""
+    tenant = "withdraw"
+    kube.put(tenant_quota(tenant, capacity="10Mi"))
+    volume = create(pool, tenant, size=2 * MiB)
+    before = tenant_usage(pool, tenant)
+    error = expect_error(
+        pool.controller.ControllerExpandVolume,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=40 * MiB)
+        ),
+        EXPANSION_REFUSED,
+    )
+    assert error.code() not in SIDECAR_NOT_FINAL and error.code() in RESIZE_INFEASIBLE
+    assert "lower the requested size" in str(error.details())
+    assert pool.sn_volume(volume.volume_id).size_bytes == 2 * MiB
+    assert tenant_usage(pool, tenant) == before
+    # The user lowers the request; the resizer asks for that.
+    assert expand(pool, volume.volume_id, 4 * MiB).capacity_bytes == 4 * MiB
+    # The quota is raised; the resizer's retries (the PVC's current size) change nothing.
+    kube.put(tenant_quota(tenant, capacity="100Mi"))
+    assert expand(pool, volume.volume_id, 4 * MiB).capacity_bytes == 4 * MiB
+    assert pool.sn_volume(volume.volume_id).size_bytes == 4 * MiB
+    # A refusal by the storage node's own fence is final too: its capacity is far smaller.
+    error = expect_error(
+        pool.controller.ControllerExpandVolume,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=1 << 45)
+        ),
+        EXPANSION_REFUSED,
+    )
+    assert pool.sn_volume(volume.volume_id).size_bytes == 4 * MiB
+
+
+def snapshot_names(pool: Pool, tenant: str) -> set[str]:
+    """The tenant's snapshots on both storage nodes, read from the nodes themselves."""
+    names: set[str] = set()
+    for node in pool.nodes.values():
+        reply = node.api.ListSnapshots(sn.ListSnapshotsRequest(tenant=tenant))
+        names.update(s.name for s in reply.snapshots)
+    return names
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        # The snapshotter after a final error: the annotation goes, the user's deletion finds
+        # no snapshot handle and makes no call; nothing retries the create.
+        ("refused", "deleted", "quota raised"),
+        # The quota is raised first: the retried create succeeds, the deletion then calls
+        # DeleteSnapshot with the handle it got.
+        ("refused", "quota raised", "retried", "deleted"),
+        # Whatever the sidecar version: a create retried after the deletion gives the sidecar
+        # a handle, which it deletes since its content is being deleted.
+        ("refused", "deleted", "quota raised", "retried"),
+        # The retry comes while the quota still refuses, then the user gives up.
+        ("refused", "retried", "deleted", "quota raised"),
+    ],
+    ids=lambda order: "-".join(o.replace(" ", "_") for o in order),
+)
+def test_a_refused_snapshot_never_comes_back(
+    pool: Pool, kube: KubeApi, order: tuple[str, ...]
+) -> None:
+    """Issue 13: a CreateSnapshot refused by the snapshot quota leaves nothing, and whatever
+    the order of the sidecar's retry, the user's deletion and the quota being raised, no
+    snapshot stays behind and the tenant's usage returns to what it was."""
+    tenant = unique_name("snapq")
+    kube.put(tenant_quota(tenant, snapshots=1))
+    volume = create(pool, tenant, size=MiB)
+    pool.snapshot(volume.volume_id)  # the one snapshot the quota allows
+    before = tenant_usage(pool, tenant)
+    name = unique_name("snap")
+    request = pb.CreateSnapshotRequest(name=name, source_volume_id=volume.volume_id)
+    handle = ""  # what the snapshotter knows of the snapshot (status.snapshotHandle)
+    deleted = False
+    for step in order:
+        if step in ("refused", "retried"):
+            try:
+                reply = pool.controller.CreateSnapshot(request, timeout=CALL_TIMEOUT)
+            except grpc.RpcError as exc:
+                assert exc.code() == SNAPSHOT_REFUSED, exc.details()
+                assert exc.code() not in SIDECAR_NOT_FINAL
+                assert "nothing was created" in str(exc.details())
+                assert name not in snapshot_names(pool, tenant)
+            else:
+                assert step == "retried"
+                handle = reply.snapshot.snapshot_id
+        if step == "deleted" or (step == "retried" and deleted and handle):
+            deleted = True
+            if handle:  # the snapshotter deletes only what it has a handle for
+                pool.controller.DeleteSnapshot(
+                    pb.DeleteSnapshotRequest(snapshot_id=handle), timeout=CALL_TIMEOUT
+                )
+        if step == "quota raised":
+            kube.put(tenant_quota(tenant, snapshots=5))
+    assert deleted
+    assert name not in snapshot_names(pool, tenant)
+    assert tenant_usage(pool, tenant) == before
 
 
 def test_usage_reaches_status_and_metrics(pool: Pool, kube: KubeApi, metrics_port: int) -> None:

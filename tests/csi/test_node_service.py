@@ -13,15 +13,21 @@ Needs root (mounts, loop devices), nbdfuse (libnbd-bin), e2fsprogs and xfsprogs.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from csi import node
+from csi.identity import NODE_TOPOLOGY_KEY
 from csi.mounts import parse_mountinfo
 from csi.v1 import csi_pb2 as pb
 from tests.support.api import ApiNode
@@ -169,9 +175,35 @@ def export_bytes(vol: Attached, offset: int, length: int) -> bytes:
 
 def test_node_get_info_reports_the_contract(harness: NodeHarness) -> None:
     info = harness.stub.NodeGetInfo(pb.NodeGetInfoRequest())
-    assert info.node_id == f"{NODE_NAME}@{NODE_ADDRESS}"
+    assert info.node_id == f"{NODE_NAME}@{NODE_ADDRESS};max-volumes={MAX_VOLUMES}"
     assert info.max_volumes_per_node == MAX_VOLUMES
     assert dict(info.accessible_topology.segments) == dict(TOPOLOGY)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (NODE_NAME, NODE_NAME),
+        ("n" * 64, "node-" + hashlib.sha256(b"n" * 64).hexdigest()[:32]),  # too long a value
+    ],
+)
+def test_node_get_info_without_topology_reports_the_node_segment(
+    harness: NodeHarness, name: str, value: str
+) -> None:
+    """The plugin advertises VOLUME_ACCESSIBILITY_CONSTRAINTS, so a node without --topology
+    still reports a segment: the node's own (issue 13)."""
+    config = dataclasses.replace(
+        harness.config,
+        node_id=name,
+        node=dataclasses.replace(harness.config.node, topology=()),
+    )
+    servicer = node.NodeServicer(harness.service, config)
+
+    async def get_info() -> pb.NodeGetInfoResponse:
+        return await servicer.NodeGetInfo(pb.NodeGetInfoRequest(), None)  # type: ignore[arg-type]
+
+    info = harness.call(get_info())
+    assert dict(info.accessible_topology.segments) == {NODE_TOPOLOGY_KEY: value}
 
 
 def test_node_capabilities(harness: NodeHarness) -> None:
@@ -481,3 +513,112 @@ def test_one_operation_per_volume_at_a_time(harness: NodeHarness) -> None:
                 return "other volumes proceed"
 
     assert harness.call(overlap()) == "other volumes proceed"
+
+
+@pytest.mark.parametrize("kind", ["block", "mount"])
+def test_single_node_single_writer_is_published_at_one_target_only(
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path, kind: str
+) -> None:
+    """csi-spec, NodePublishVolume table: SINGLE_NODE_SINGLE_WRITER at a second target path
+    is FAILED_PRECONDITION (issue 13); the refusal leaves nothing that blocks NodeUnstage."""
+    vol = attach_volume(storage_node, f"snsw-{kind}", 16 * MiB)
+    snsw = Mode.SINGLE_NODE_SINGLE_WRITER
+    cap = block_cap(snsw) if kind == "block" else mount_cap("ext4", mode=snsw)
+    staging, first, second = tmp_path / "staging", tmp_path / "t1" / "x", tmp_path / "t2" / "x"
+    stage(harness, vol, staging, cap)
+    publish(harness, vol, staging, first, cap)
+    publish(harness, vol, staging, first, cap)  # T1=T2, P1=P2: idempotent
+    code = status_of(lambda: publish(harness, vol, staging, second, cap))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert mount_at(second) is None and not second.exists()
+    # Once the first publication is gone, the volume can be published elsewhere.
+    unpublish(harness, vol, first)
+    publish(harness, vol, staging, second, cap)
+    unpublish(harness, vol, second)
+    unstage(harness, vol, staging)
+    assert mount_at(staging) is None
+
+
+def test_unknown_volume_is_not_found_before_its_path_is_checked(
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
+) -> None:
+    """csi-spec: NOT_FOUND is "a volume ... does not exist on specified volume_path"; a
+    relative path of a volume that is not here is still that (issue 13)."""
+    stats = pb.NodeGetVolumeStatsRequest(volume_id="storage-a:unknown", volume_path="some/path")
+    expand = pb.NodeExpandVolumeRequest(volume_id="storage-a:unknown", volume_path="some/path")
+    assert status_of(lambda: harness.stub.NodeGetVolumeStats(stats)) == grpc.StatusCode.NOT_FOUND
+    assert status_of(lambda: harness.stub.NodeExpandVolume(expand)) == grpc.StatusCode.NOT_FOUND
+    # A staged volume with a relative path: the argument is wrong.
+    vol = attach_volume(storage_node, "relative-path", 8 * MiB)
+    stage(harness, vol, tmp_path / "s", block_cap())
+    stats = pb.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path="some/path")
+    expand = pb.NodeExpandVolumeRequest(volume_id=vol.volume_id, volume_path="some/path")
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(lambda: harness.stub.NodeGetVolumeStats(stats)) == invalid
+    assert status_of(lambda: harness.stub.NodeExpandVolume(expand)) == invalid
+    unstage(harness, vol, tmp_path / "s")
+
+
+# -- children under load ---------------------------------------------------------------------
+
+STRESS_VOLUMES = 4
+STRESS_CYCLES = int(os.environ.get("NBDCSI_STRESS_CYCLES", "500"))
+
+
+@pytest.mark.slow
+def test_stage_unstage_cycles_with_parallel_rpcs_never_crash_a_child(
+    harness: NodeHarness, storage_node: ApiNode, tmp_path: Path
+) -> None:
+    """Issue 12: mkfs, mount and umount died with SIGSEGV when they were forked while other
+    threads were inside gRPC. 500 stage/unstage cycles of ext4 volumes (blkid, mount, umount
+    each time, mkfs the first), four volumes at once, while other threads keep calling
+    NodeGetInfo, NodeGetCapabilities and NodeGetVolumeStats: every call succeeds."""
+    vols = [attach_volume(storage_node, f"stress-{i}", 16 * MiB) for i in range(STRESS_VOLUMES)]
+    cap = mount_cap("ext4")
+    stop = threading.Event()
+    failures: list[str] = []
+    side_calls = [0]
+
+    def cycles(vol: Attached, count: int) -> None:
+        staging = tmp_path / vol.backend_id / "staging"
+        target = tmp_path / vol.backend_id / "target"
+        try:
+            for _ in range(count):
+                stage(harness, vol, staging, cap)
+                publish(harness, vol, staging, target, cap)
+                unpublish(harness, vol, target)
+                unstage(harness, vol, staging)
+        except grpc.RpcError as exc:
+            failures.append(f"{vol.volume_id}: {exc.code().name}: {exc.details()}")
+
+    def side_rpcs() -> None:
+        while not stop.is_set():
+            try:
+                harness.stub.NodeGetInfo(pb.NodeGetInfoRequest())
+                harness.stub.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
+                with contextlib.suppress(grpc.RpcError):  # NOT_FOUND between stages
+                    harness.stub.NodeGetVolumeStats(
+                        pb.NodeGetVolumeStatsRequest(
+                            volume_id=vols[0].volume_id,
+                            volume_path=str(tmp_path / vols[0].backend_id / "target"),
+                        )
+                    )
+            except grpc.RpcError as exc:
+                failures.append(f"side call: {exc.code().name}: {exc.details()}")
+                return
+            side_calls[0] += 1
+
+    per_volume = STRESS_CYCLES // STRESS_VOLUMES
+    workers = [threading.Thread(target=cycles, args=(v, per_volume)) for v in vols]
+    side = [threading.Thread(target=side_rpcs) for _ in range(2)]
+    for t in side + workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    for t in side:
+        t.join()
+    assert failures == []
+    assert side_calls[0] > 0
+    assert not _mounts_under(tmp_path / vols[0].backend_id)
+    assert not list((harness.config.node.state_dir / "volumes").glob("*.json"))

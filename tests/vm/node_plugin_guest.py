@@ -235,7 +235,7 @@ def main() -> None:
     say("RESULT", "plugin_start_seconds", f"{plugin.start():.1f}")
     step("plugin-up")
     info = plugin.node.NodeGetInfo(pb.NodeGetInfoRequest())
-    check(info.node_id == "vm-node@127.0.0.1", f"node id {info.node_id}")
+    check(info.node_id == "vm-node@127.0.0.1;max-volumes=64", f"node id {info.node_id}")
 
     # -- raw block: stage, publish, write, read back ---------------------------------------
     stage(plugin, a, "/run/staging/a", block_cap())
