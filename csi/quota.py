@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -55,22 +55,35 @@ _SUFFIX = {
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([kMGTPE]i?|Ki)?$")
 
 
+# Limits are int64 on the storage node's API; a quantity's text is never longer than this.
+MAX_QUANTITY = 2**63 - 1
+MAX_QUANTITY_CHARS = 64
+
+
 def parse_quantity(value: Any, what: str) -> int:
     """A Kubernetes quantity ("500Gi", "1.5G", 1024) as a whole number, rounded up."""
     if isinstance(value, bool):
         raise ValueError(f"{what}: {value!r} is not a quantity")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{what}: {value} is negative")
-        return value
-    match = _QUANTITY.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{what}: {value!r} is not a quantity like 100Gi, 1.5G or 4096")
-    try:
-        amount = Decimal(match.group(1)) * _SUFFIX[match.group(2) or ""]
-    except InvalidOperation:
-        raise ValueError(f"{what}: {value!r} is not a quantity") from None
-    return int(amount.to_integral_value(rounding="ROUND_CEILING"))
+        amount = Decimal(value)
+    else:
+        text = str(value).strip()
+        # Bounded before parsing: a quantity is short, and Decimal arithmetic on thousands of
+        # digits overflows its context (decimal.Overflow) instead of saying what is wrong.
+        match = _QUANTITY.match(text) if len(text) <= MAX_QUANTITY_CHARS else None
+        if not match:
+            shown = text if len(text) <= MAX_QUANTITY_CHARS else f"{text[:MAX_QUANTITY_CHARS]}..."
+            raise ValueError(f"{what}: {shown!r} is not a quantity like 100Gi, 1.5G or 4096")
+        try:
+            amount = Decimal(match.group(1)) * _SUFFIX[match.group(2) or ""]
+        except DecimalException:
+            raise ValueError(f"{what}: {text!r} is not a quantity") from None
+    if amount < 0:
+        raise ValueError(f"{what}: {value} is negative")
+    result = int(amount.to_integral_value(rounding="ROUND_CEILING"))
+    if result > MAX_QUANTITY:
+        raise ValueError(f"{what}: {value} is larger than {MAX_QUANTITY} (2^63-1)")
+    return result
 
 
 def human(n: int) -> str:
