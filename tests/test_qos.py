@@ -179,6 +179,29 @@ def test_limit_given_at_creation_applies_from_the_first_request(node: ApiNode) -
     assert len(loop.done) <= at_most(loop.done, 20)
 
 
+def test_a_limit_set_while_the_volume_is_filled_wins(node: ApiNode) -> None:
+    """A clone of a snapshot is filled in the background: SetVolumeQos right after
+    CreateVolume (while it may still be filling) wins over the limit it was created with,
+    whether or not the fill has finished by then."""
+    source = create(node, "source", "t1")
+    snap = node.api.CreateSnapshot(pb.CreateSnapshotRequest(name="snap", volume_id=source))
+    vol = node.api.CreateVolume(
+        pb.CreateVolumeRequest(
+            name="clone",
+            tenant="t1",
+            size_bytes=64 * MiB,
+            source=pb.VolumeSource(snapshot_id=snap.id),
+            qos=pb.Qos(iops=UNLIMITED),
+        )
+    )
+    set_iops(node, vol.id, 20)
+    assert node.api.wait_volume(vol.id).state == pb.VOLUME_STATE_READY
+    loop = ClosedLoop(connect(node, vol.id))
+    loop.wait_for(30)
+    loop.stop()
+    assert len(loop.done) <= at_most(loop.done, 20)
+
+
 def test_limit_changes_both_ways_under_load(node: ApiNode) -> None:
     """A closed-loop reader keeps going while the limit is lowered, raised and lifted; after
     each change, what completes stays within the new limit."""
