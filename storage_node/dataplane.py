@@ -9,12 +9,17 @@ operations, one JSON-able dict each:
     add_export    {name, volume_id | path, readonly, allowed_peers, listed, description}
     remove_export {name}                            and drop its live connections at once
     resize        {volume_id}                       take the image's new size
-    set_qos       {volume_id, tenant, iops, bps, slot}  a volume's QoS limits (0: unlimited)
-    set_tenant_qos {tenant, iops, bps, slot}        a tenant's ceiling over all its volumes
-
-QoS slots index the shared rate-limiter file (storage_node.qos) that every process maps.
+    set_qos       {volume_id, tenant, iops, bps, slot, generation}  a volume's QoS limits
+                                                    (0: unlimited), kept even before add_volume
+    set_tenant_qos {tenant, iops, bps, slot, generation}  a tenant's ceiling over its volumes
     quiesce       {volume_id}                       hold new requests, finish in-flight, flush
     resume        {volume_id}                       run the held requests
+
+QoS slots index the shared rate-limiter file (storage_node.qos) that every process maps. A
+volume's or tenant's slot is taken with its first limit and kept until the volume is removed
+(tenants keep theirs). Every limit sent carries a new generation when its values or its slot
+change (the same one when a limit is sent again unchanged): the first request under a new
+generation starts the slot clean, so neither a changed limit nor a reused slot inherits debt.
 
 `DataPlane` is the main process's side: it keeps the authoritative list of volumes and exports
 (so a replacement worker starts with all of them), sends each operation to every worker and
@@ -56,6 +61,9 @@ class ProcessState:
         self.stats: dict[str, Stats] = {}  # per volume, shared by its exports (metrics)
         self._own_backends: dict[str, Backend] = {}  # exports with a file of their own
         self.qos: dict[str, VolumeQos] = {}  # per volume, shared by its exports
+        # Limits by volume, also for volumes not added (yet): a limit set while a volume is
+        # being created (or replayed to a new process) must be there when it is added.
+        self.volume_limits: dict[str, Limit] = {}
         self.tenant_limits: dict[str, Limit] = {}
 
     async def apply(self, op: Op) -> None:
@@ -75,7 +83,7 @@ class ProcessState:
             self.qos[vid] = VolumeQos(
                 tenant,
                 self.buckets,
-                None,
+                self.volume_limits.get(vid),
                 self.tenant_limits.get(tenant),
                 on_throttle=self.stats[vid].throttled,
             )
@@ -88,6 +96,7 @@ class ProcessState:
         backend = self.volumes.pop(vid, None)
         self.stats.pop(vid, None)
         self.qos.pop(vid, None)
+        self.volume_limits.pop(vid, None)
         if backend is not None:
             backend.close()
 
@@ -128,16 +137,21 @@ class ProcessState:
     def _op_resize(self, op: Op) -> None:
         self.volumes[op["volume_id"]].refresh()
 
+    @staticmethod
+    def _limit(op: Op) -> Limit:
+        return Limit(op["slot"], op["iops"], op["bps"], op.get("generation", 0))
+
     def _op_set_qos(self, op: Op) -> None:
+        limit = self.volume_limits[op["volume_id"]] = self._limit(op)
         qos = self.qos.get(op["volume_id"])
         if qos is not None:
-            qos.volume = Limit(op["slot"], op["iops"], op["bps"])
+            qos.set_volume_limit(limit)
 
     def _op_set_tenant_qos(self, op: Op) -> None:
-        limit = self.tenant_limits[op["tenant"]] = Limit(op["slot"], op["iops"], op["bps"])
+        limit = self.tenant_limits[op["tenant"]] = self._limit(op)
         for qos in self.qos.values():
             if qos.tenant == op["tenant"]:
-                qos.tenant_limit = limit
+                qos.set_tenant_limit(limit)
 
     async def _op_quiesce(self, op: Op) -> None:
         vid = op["volume_id"]
@@ -166,6 +180,7 @@ class DataPlane:
         self.tenant_qos: dict[str, Op] = {}
         self._slots: dict[str, int] = {}
         self._free_slots = list(range(SLOTS - 1, -1, -1))
+        self._generations = itertools.count(1)
         self._senders: dict[int, Callable[[Op], Awaitable[None]]] = {}
         self._lock = asyncio.Lock()
 
@@ -174,11 +189,12 @@ class DataPlane:
 
     def initial_ops(self) -> list[Op]:
         """What a new process must apply to be in step with the others."""
+        # Limits first: an export is never served, even briefly, without its volume's limits.
         return [
+            *({"op": "set_tenant_qos", **q} for q in self.tenant_qos.values()),
+            *({"op": "set_qos", **q} for q in self.qos.values()),
             *({"op": "add_volume", **v} for v in self.volumes.values()),
             *({"op": "add_export", **e} for e in self.exports.values()),
-            *({"op": "set_qos", **q} for q in self.qos.values()),
-            *({"op": "set_tenant_qos", **q} for q in self.tenant_qos.values()),
         ]
 
     @contextlib.asynccontextmanager
@@ -202,16 +218,31 @@ class DataPlane:
 
     def _slot(self, key: str) -> int:
         if key not in self._slots:
+            if not self._free_slots:
+                raise RuntimeError(f"no QoS slot left on this node ({SLOTS} limits in use)")
             self._slots[key] = self._free_slots.pop()
         return self._slots[key]
+
+    def _limit_op(self, key: str, prev: Op | None, **fields: Any) -> Op:
+        """A limit's operation: its slot, and a new generation unless nothing changed."""
+        op = {**fields, "slot": self._slot(key)}
+        same = prev is not None and all(prev[k] == op[k] for k in ("iops", "bps", "slot"))
+        op["generation"] = prev["generation"] if same and prev else next(self._generations)
+        return op
 
     def _release_slot(self, key: str) -> None:
         slot = self._slots.pop(key, None)
         if slot is not None:
             self._free_slots.append(slot)
 
-    async def add_volume(self, volume_id: str, path: str, tenant: str = "") -> None:
+    async def add_volume(
+        self, volume_id: str, path: str, tenant: str = "", iops: int = 0, bps: int = 0
+    ) -> None:
+        """Open a volume in every NBD process, with the limits it was created with (`iops`,
+        `bps`); limits set for it since (SetVolumeQos while it was being created) win."""
         async with self._lock:
+            if (iops or bps) and volume_id not in self.qos:
+                await self._set_qos(volume_id, tenant, iops, bps)
             self.volumes[volume_id] = {"volume_id": volume_id, "path": path, "tenant": tenant}
             await self._broadcast({"op": "add_volume", **self.volumes[volume_id]})
 
@@ -236,23 +267,24 @@ class DataPlane:
 
     async def set_qos(self, volume_id: str, tenant: str, iops: int, bps: int) -> None:
         async with self._lock:
-            self.qos[volume_id] = {
-                "volume_id": volume_id,
-                "tenant": tenant,
-                "iops": iops,
-                "bps": bps,
-                "slot": self._slot(f"volume {volume_id}"),
-            }
-            await self._broadcast({"op": "set_qos", **self.qos[volume_id]})
+            await self._set_qos(volume_id, tenant, iops, bps)
+
+    async def _set_qos(self, volume_id: str, tenant: str, iops: int, bps: int) -> None:
+        self.qos[volume_id] = self._limit_op(
+            f"volume {volume_id}",
+            self.qos.get(volume_id),
+            volume_id=volume_id,
+            tenant=tenant,
+            iops=iops,
+            bps=bps,
+        )
+        await self._broadcast({"op": "set_qos", **self.qos[volume_id]})
 
     async def set_tenant_qos(self, tenant: str, iops: int, bps: int) -> None:
         async with self._lock:
-            self.tenant_qos[tenant] = {
-                "tenant": tenant,
-                "iops": iops,
-                "bps": bps,
-                "slot": self._slot(f"tenant {tenant}"),
-            }
+            self.tenant_qos[tenant] = self._limit_op(
+                f"tenant {tenant}", self.tenant_qos.get(tenant), tenant=tenant, iops=iops, bps=bps
+            )
             await self._broadcast({"op": "set_tenant_qos", **self.tenant_qos[tenant]})
 
     async def resize(self, volume_id: str) -> None:

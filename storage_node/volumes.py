@@ -459,7 +459,8 @@ class VolumeService:
         await self.store.run(lambda s: s.set_volume(volume_id, **changes))
 
     async def _ready(self, row: VolumeRow) -> VolumeRow:
-        await self.dataplane.add_volume(row.id, row.path, row.tenant)
+        # With the limits it was created with: they hold from its first request.
+        await self.dataplane.add_volume(row.id, row.path, row.tenant, row.qos_iops, row.qos_bps)
         await self.store.run(lambda s: s.set_volume(row.id, state="ready"))
         return replace(row, state="ready")
 

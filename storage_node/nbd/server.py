@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from ..exports import Export, ExportRegistry
-from ..qos import SharedBuckets
+from ..qos import Hold, SharedBuckets
 from .constants import MAX_PAYLOAD, CmdFlag, Errno
 from .errors import nbd_errno
 from .handshake import Handshake, HandshakeError, Negotiated, Phase
@@ -351,9 +351,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         qos = self.export.qos
         if not admitted and qos is not None and qos.limited:
-            wait = qos.admit(req.type, req.length)
-            if wait > 0:
-                self._delay(req, wait)
+            hold = qos.admit(req.type, req.length)
+            if hold is not None:
+                self._delay(req, hold)
                 return
         backend = self.export.backend
         if req.type == WRITE and self._owns(req):
@@ -377,13 +377,13 @@ class Connection(asyncio.BufferedProtocol):
             return
         batch.append(req)
 
-    def _delay(self, req: Request, wait: float) -> None:
+    def _delay(self, req: Request, hold: Hold) -> None:
         """Run a request later, as QoS asks; it counts as in flight meanwhile."""
         if req.type == WRITE and not self._owns(req):
             assert req.payload is not None
             req = req._replace(payload=memoryview(bytes(req.payload)))  # buffer gets reused
         self._inflight += 1
-        asyncio.get_running_loop().call_later(wait, self._run_delayed, req)
+        hold.start(lambda: self._run_delayed(req))
 
     def _run_delayed(self, req: Request) -> None:
         self._inflight -= 1
