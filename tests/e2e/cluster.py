@@ -57,6 +57,15 @@ class Csi:
         self, name: str, size: int, *, source_volume: str = "", source_snapshot: str = ""
     ) -> str:
         """csi-provisioner: a block PVC (RWX) in the tenant's namespace; returns the volume id."""
+        volume = self.create(
+            name, size, source_volume=source_volume, source_snapshot=source_snapshot
+        )
+        return str(volume.volume_id)
+
+    def create(
+        self, name: str, size: int, *, source_volume: str = "", source_snapshot: str = ""
+    ) -> Any:
+        """create_volume's call; returns the CSI Volume (id, capacity, volume_context)."""
         source = None
         if source_volume:
             source = pb.VolumeContentSource(
@@ -76,18 +85,21 @@ class Csi:
             },
             volume_content_source=source,
         )
-        reply = self._retrying(self.stub.CreateVolume, request)
-        return str(reply.volume.volume_id)
+        return self._retrying(self.stub.CreateVolume, request).volume
 
-    def publish(self, volume_id: str, node_id: str) -> NbdTarget:
-        """csi-attacher: ControllerPublishVolume; publish_context as QEMU's NBD target."""
+    def publish_context(self, volume_id: str, node_id: str) -> dict[str, str]:
+        """csi-attacher: ControllerPublishVolume; the publish_context kubelet passes on."""
         reply = self.stub.ControllerPublishVolume(
             pb.ControllerPublishVolumeRequest(
                 volume_id=volume_id, node_id=node_id, volume_capability=BLOCK_RWX, readonly=False
             ),
             timeout=CALL_TIMEOUT,
         )
-        context = dict(reply.publish_context)
+        return dict(reply.publish_context)
+
+    def publish(self, volume_id: str, node_id: str) -> NbdTarget:
+        """csi-attacher: ControllerPublishVolume; publish_context as QEMU's NBD target."""
+        context = self.publish_context(volume_id, node_id)
         return NbdTarget(
             context["nbd.csi.dev/host"],
             int(context["nbd.csi.dev/port"]),
@@ -150,6 +162,10 @@ class Cluster:
     prometheus: Prometheus | None = None
     controller_metrics_port: int = 0
     node_metrics_ports: dict[str, int] = field(default_factory=dict)
+    # Storage node id -> the NBD host it puts in publish_context (--nbd-advertise), for
+    # clients that reach it through a forward (the kernel-path guests); default: 127.0.0.1.
+    advertise: dict[str, str] = field(default_factory=dict)
+    with_prometheus: bool = True
 
     @property
     def csi(self) -> Csi:
@@ -172,11 +188,16 @@ class Cluster:
             (data_dir / "api-token").write_text(token + "\n")
             (data_dir / "api-token").chmod(0o600)
             port = self.node_metrics_ports[node_id] = free_port()
+            advertise = self.advertise.get(node_id)
             self.nodes[node_id] = start_api_node(
                 data_dir,
                 workers=1,
                 node_id=node_id,
-                extra_args=["--metrics-listen", f"127.0.0.1:{port}"],
+                extra_args=[
+                    "--metrics-listen",
+                    f"127.0.0.1:{port}",
+                    *(["--nbd-advertise", advertise] if advertise else []),
+                ],
             )
         self.kube = KubeApi().start()
         self.kube.put(tenant_quota(self.tenant, **self.quota))
@@ -196,6 +217,8 @@ class Cluster:
             "--metrics-listen",
             f"127.0.0.1:{self.controller_metrics_port}",
         )
+        if not self.with_prometheus:
+            return
         prom_dir = self.base / "prometheus"
         prom_dir.mkdir()
         self.prometheus = Prometheus(

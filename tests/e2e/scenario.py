@@ -97,17 +97,13 @@ class Report:
         return "\n".join(["timings:", *rows, "facts:", *facts])
 
 
-class Scenario:
-    def __init__(self, workdir: Path, say: Callable[[str], None] = print) -> None:
-        self.workdir = workdir
+class Steps:
+    """Printing steps and timings as a scenario goes (both scenarios share it)."""
+
+    def __init__(self, say: Callable[[str], None] = print) -> None:
         self.say = say
         self.report = Report()
         self.t0 = time.monotonic()
-        self.cluster: Cluster | None = None
-        self.vms: list[Vm] = []
-        self.stale: StaleAttachment | None = None
-
-    # -- output ----------------------------------------------------------------------------
 
     def log(self, text: str) -> None:
         self.say(f"[{time.monotonic() - self.t0:7.2f}s] {text}")
@@ -123,6 +119,15 @@ class Scenario:
         self.report.timings[name] = seconds
         self.log(f"   {name}: {seconds:.2f}s")
         return seconds
+
+
+class Scenario(Steps):
+    def __init__(self, workdir: Path, say: Callable[[str], None] = print) -> None:
+        super().__init__(say)
+        self.workdir = workdir
+        self.cluster: Cluster | None = None
+        self.vms: list[Vm] = []
+        self.stale: StaleAttachment | None = None
 
     # -- the run ---------------------------------------------------------------------------
 
