@@ -212,6 +212,11 @@ class StorageNode:
         family = socket.AF_INET6 if ":" in config.nbd_host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # `::` means IPv4 too (and ::ffff:a.b.c.d can be bound), whatever the host's
+            # bindv6only default; IPv4 peers then appear as ::ffff:a.b.c.d and are
+            # normalised to a.b.c.d (normalize_peer), the form attachments are bound to.
+            self._listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             self._listener.bind((config.nbd_host, config.nbd_port))
         except OSError as exc:

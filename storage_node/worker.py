@@ -107,7 +107,8 @@ class WorkerProcess:
             try:
                 self._handle(json.loads(data), fds)
             except Exception:
-                log.exception("bad control message %r", data[:200])
+                # Not the message itself: an add_export carries an attachment's credential.
+                log.exception("bad control message (%d bytes)", len(data))
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         socket.socket(fileno=fd).close()

@@ -27,10 +27,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import cast
 
-from ..exports import Export, ExportRegistry
+from ..exports import Export, ExportRegistry, normalize_peer
 from ..qos import SharedBuckets
 from .constants import MAX_PAYLOAD, CmdFlag, Errno
-from .errors import nbd_errno
+from .errors import nbd_errno, nbd_message
 from .handshake import Handshake, HandshakeError, Negotiated, Phase
 from .transmission import (
     BLOCK_STATUS,
@@ -119,7 +119,7 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "?"
+        self.peer = normalize_peer(str(peer[0])) if peer else "?"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -477,7 +477,8 @@ class Connection(asyncio.BufferedProtocol):
                     req[:5],
                     exc,
                 )
-            return [error_reply(req.cookie, err, f"{exc}", self.session.structured_replies)]
+            # The detail is in the log above; the client gets a fixed text per error value.
+            return [error_reply(req.cookie, err, nbd_message(err), self.session.structured_replies)]
 
     def _sendfile(self, req: Request, out: Replies) -> bool:
         """Send a large READ from a memory-backed image with os.sendfile, with no copy through
