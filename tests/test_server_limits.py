@@ -1,11 +1,16 @@
-"""What one client, or many, may cost a storage node: secrets, error texts, addresses.
+"""What one client, or many, may cost a storage node: secrets, error texts, memory.
 
-Real storage node processes on loopback, real clients (qemu-io) for the legitimate traffic,
-raw sockets for the misbehaving kind.
+Real storage node processes on loopback, real clients (qemu-io, nbdsh) for the legitimate
+traffic, raw sockets for the stalled or flooding kind. Memory is the RSS of the node's
+processes from /proc; the bounds asserted are generous ones derived from the configured caps
+(what the node could hold without the caps is several times larger), never timings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -14,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from storage_node.exports import Export, normalize_peer
+from tests.clients.targets import debian_python_env
 from tests.nbd.wire import go_data, option
-from tests.support.api import ApiNode, api_node
+from tests.support.api import ApiNode, api_node, poll
 from tests.support.rawnbd import RawClient
-from tests.support.servers import free_port, start_storage_node
+from tests.support.servers import ServerHandle, free_port, start_storage_node
 
 KiB, MiB = 1 << 10, 1 << 20
 READ, WRITE, FLUSH = 0, 1, 3
@@ -30,6 +36,28 @@ REQUEST_MAGIC = 0x25609513
 # ---- helpers -----------------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout.split()
+    return [int(p) for p in out]
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def workers(handle: ServerHandle) -> list[int]:
+    """The NBD worker processes (they hold the connections and their buffers)."""
+    return _children(handle.proc.pid)
+
+
 def qemu_io(uri: str, *commands: str) -> str:
     argv = ["qemu-io", "-f", "raw"]
     for c in commands:
@@ -38,6 +66,54 @@ def qemu_io(uri: str, *commands: str) -> str:
     assert result.returncode == 0, f"qemu-io {commands}: {result.stdout}{result.stderr}"
     assert "failed" not in result.stdout, result.stdout
     return result.stdout
+
+
+def nbdsh_round_trip(uri: str, offset: int, length: int) -> None:
+    """A real client (libnbd) writes a pattern and reads it back."""
+    script = (
+        f"buf = bytes([0x5a]) * {length}\n"
+        f"h.pwrite(buf, {offset})\n"
+        f"assert h.pread({length}, {offset}) == buf\n"
+        "h.flush()\n"
+    )
+    result = subprocess.run(
+        ["nbdsh", "-u", uri, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=debian_python_env(),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def handshake_to(port: int, source: str) -> socket.socket | None:
+    """Connect from `source` and read the greeting; None when the node closed at once."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    greeting = b""
+    try:
+        while len(greeting) < 18:
+            chunk = sock.recv(18 - len(greeting))
+            if not chunk:
+                break
+            greeting += chunk
+    except ConnectionResetError:
+        greeting = b""
+    if len(greeting) < 18:
+        sock.close()
+        return None
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
 
 
 # ---- credentials ---------------------------------------------------------------------------
@@ -171,3 +247,189 @@ def test_peer_addresses_are_normalised() -> None:
     export = Export("x", backend=None, allowed_peers=frozenset({"::ffff:10.0.0.5"}))  # type: ignore[arg-type]
     assert export.admits("10.0.0.5") and export.admits("::ffff:10.0.0.5")
     assert not export.admits("10.0.0.6")
+
+
+# ---- connections per peer and memory before authentication ---------------------------------
+
+PEER_CAP = 40
+FLOOD_PEERS = 12
+
+
+def test_handshake_flood_is_capped_per_peer_and_its_memory_is_returned(tmp_path: Path) -> None:
+    """Idle connections in the handshake from 127.0.0.2 ... 127.0.0.13: each address gets at
+    most --max-connections-per-peer across both workers; each costs a few KiB, not the 256 KiB
+    receive buffer of an authenticated connection; their memory goes when they close; and
+    clients from 127.0.0.1 are served all along."""
+    node = start_storage_node(
+        tmp_path / "node",
+        ["name=disk,size=64M"],
+        workers=2,
+        extra_args=[
+            "--handshake-timeout",
+            "600",
+            "--max-connections-per-peer",
+            str(PEER_CAP),
+        ],
+    )
+    flood: list[socket.socket] = []
+    try:
+        pids = workers(node)
+        assert len(pids) == 2
+        nbdsh_round_trip(node.uri("disk"), 0, 64 * KiB)  # warm: buffers of a served client
+        before = rss_kib(pids)
+        refused = 0
+        for i in range(FLOOD_PEERS):
+            source = f"127.0.0.{i + 2}"
+            for _ in range(PEER_CAP + 5):
+                sock = handshake_to(node.port, source)
+                if sock is None:
+                    refused += 1
+                else:
+                    flood.append(sock)
+        during = rss_kib(pids)
+        print(
+            f"workers' RSS: {before} KiB before, {during} KiB with {len(flood)} connections "
+            f"in the handshake ({refused} refused by the per-peer cap)"
+        )
+        # 480 connections at 256 KiB each would be 120 MiB; at most 32 KiB each is allowed.
+        assert during - before < len(flood) * 32, f"{(during - before) // len(flood)} KiB each"
+        assert len(flood) == FLOOD_PEERS * PEER_CAP
+        assert refused == FLOOD_PEERS * 5
+        # Served during the flood, from an address that is not at its cap.
+        nbdsh_round_trip(node.uri("disk"), MiB, 256 * KiB)
+        qemu_io(node.uri("disk"), "write -P 0x33 2M 1M", "read -P 0x33 2M 1M")
+
+        # A connection that goes makes room for another from the same address.
+        flood.pop(0).close()  # one of 127.0.0.2
+        again = poll(
+            lambda: handshake_to(node.port, "127.0.0.2"),
+            lambda s: s is not None,
+            30,
+            "a connection from 127.0.0.2 after one closed",
+            step=0.1,
+        )
+        assert again is not None
+        flood.append(again)
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        after = poll(
+            lambda: rss_kib(pids),
+            lambda rss: rss - before < 16 * 1024,
+            60,
+            "the workers' RSS back near its level before the flood",
+            step=0.2,
+        )
+        print(f"workers' RSS after the connections closed: {after} KiB")
+        qemu_io(node.uri("disk"), "read -P 0x33 2M 1M")
+    finally:
+        for sock in flood:
+            sock.close()
+        node.stop()
+
+
+# ---- payload deadline and the buffer budget --------------------------------------------------
+
+BUDGET = 128 * MiB  # one worker: its share is the whole budget
+
+
+def stalled_write(port: int, source: str, length: int = 32 * MiB) -> tuple[socket.socket, bool]:
+    """A WRITE of `length` bytes whose payload stops 1 MiB short of the end. True when the
+    node took all the bytes sent (it had buffer room for the payload)."""
+    c = RawClient(port, source=source)
+    c.connect("disk")
+    sock = c.sock
+    header = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, WRITE, 7, 0, length)
+    sock.settimeout(5)
+    try:
+        sock.sendall(header + b"\xab" * (length - MiB))
+        return sock, True
+    except TimeoutError:  # the node stopped reading this connection: backpressure
+        return sock, False
+
+
+def test_half_sent_writes_are_bounded_by_the_budget_and_dropped_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    node = start_storage_node(
+        tmp_path / "node",
+        ["name=disk,size=64M"],
+        workers=1,
+        extra_args=["--buffer-budget", str(BUDGET), "--payload-timeout", "5"],
+    )
+    stalled: list[socket.socket] = []
+    try:
+        pids = workers(node)
+        qemu_io(node.uri("disk"), "write -P 0x44 0 1M")
+        before = rss_kib(pids)
+        taken = 0
+        for i in range(12):
+            sock, complete = stalled_write(node.port, f"127.0.0.{i + 2}")
+            stalled.append(sock)
+            taken += complete
+        during = rss_kib(pids)
+        print(
+            f"worker RSS {before} KiB, {during} KiB with 12 half-sent 32 MiB WRITEs; {taken} taken"
+        )
+        # Without a budget all 12 payloads (384 MiB) would be buffered. (How many sends
+        # complete says little: loopback socket buffers take much of a payload themselves.)
+        assert during - before < (BUDGET + 64 * MiB) // KiB
+        # Small I/O of other clients goes on meanwhile (a real client, libnbd).
+        nbdsh_round_trip(node.uri("disk"), 4 * MiB, 64 * KiB)
+        # Every stalled connection is dropped at its deadline, the ones waiting for the budget
+        # too once they got room and stalled in turn; their memory goes with them.
+        for sock in stalled:
+            assert closed_by_server(sock, timeout=120)
+        # A large WRITE now fits again.
+        qemu_io(node.uri("disk"), "write -P 0x55 32M 32M", "read -P 0x55 32M 32M")
+        print(f"worker RSS after the stalled connections were dropped: {rss_kib(pids)} KiB")
+        assert "request not received within 5s" in node.log_text()
+    finally:
+        for sock in stalled:
+            sock.close()
+        node.stop()
+
+
+def test_unread_replies_are_bounded_by_the_budget(tmp_path: Path) -> None:
+    """12 connections that ask for 32 MiB READs and never read the replies: the node stops
+    taking their requests once its budget is full, small I/O of others is still served, and
+    a large READ is served as soon as those connections go."""
+    node = start_storage_node(
+        tmp_path / "node",
+        ["name=disk,size=64M"],
+        workers=1,
+        extra_args=["--buffer-budget", str(BUDGET)],
+    )
+    readers: list[RawClient] = []
+    try:
+        pids = workers(node)
+        qemu_io(node.uri("disk"), "write -P 0x66 0 32M")
+        before = rss_kib(pids)
+        for i in range(12):
+            c = RawClient(node.port, source=f"127.0.0.{i + 2}").connect("disk")
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+            for cookie in range(4):
+                c.send(READ, cookie, 0, 32 * MiB)
+            readers.append(c)
+        # Each connection has sent 128 MiB worth of READs: wait until the node has taken
+        # what it is going to take (its memory stops growing), then measure.
+        last = [0]
+
+        def settled(rss: int) -> bool:
+            done = rss == last[0]
+            last[0] = rss
+            return done
+
+        during = poll(lambda: rss_kib(pids), settled, 60, "the worker's RSS settling", step=1.0)
+        print(f"worker RSS {before} KiB, {during} KiB with 12 connections not reading 4 x 32 MiB")
+        # Without the budget each connection queues up to 64 MiB of replies.
+        assert during - before < (BUDGET + 96 * MiB) // KiB
+        nbdsh_round_trip(node.uri("disk"), 40 * MiB, 64 * KiB)
+        for c in readers:
+            c.close()
+        readers.clear()
+        qemu_io(node.uri("disk"), "read -P 0x66 0 32M")
+    finally:
+        for c in readers:
+            c.close()
+        node.stop()
