@@ -20,6 +20,9 @@ DEFAULT_NBD_PORT = 10809
 DEFAULT_API_PORT = 10810
 DEFAULT_METRICS_PORT = 10811
 DEFAULT_EXPORT = "name=demo,size=1G"
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+DEFAULT_BUFFER_BUDGET = "1G"
+DEFAULT_PAYLOAD_TIMEOUT = 30.0
 
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -94,6 +97,10 @@ class Config:
     # ImportImage reads files only from here (docs/storage-node-api.md); None: no imports.
     import_dir: Path | None = None
     insecure_api: bool = False
+    # NBD memory limits (docs/storage-node.md, "Limits and bad input"); 0: no limit.
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    buffer_budget: int = 1 << 30
+    payload_timeout: float = DEFAULT_PAYLOAD_TIMEOUT
 
     @property
     def token_path(self) -> Path:
@@ -189,6 +196,28 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds to let in-flight requests finish on SIGTERM",
+    )
+    p.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        help="NBD connections one client address may hold across the node, in the handshake "
+        "or not; more are closed at once (0: no limit)",
+    )
+    p.add_argument(
+        "--buffer-budget",
+        default=DEFAULT_BUFFER_BUDGET,
+        metavar="SIZE",
+        help="bytes of WRITE payloads and queued READ replies the node buffers over all its "
+        "connections, split evenly between the workers (at least 64M each); over it, "
+        "connections holding buffers stop being read until it drains",
+    )
+    p.add_argument(
+        "--payload-timeout",
+        type=float,
+        default=DEFAULT_PAYLOAD_TIMEOUT,
+        help="seconds a request (header and WRITE payload) may take to arrive once it has "
+        "begun; a connection that stalls midway is closed",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     api = p.add_argument_group("management API (gRPC)")
@@ -288,6 +317,14 @@ def from_args(argv: list[str] | None = None) -> Config:
         if imports.is_relative_to(data) or data.is_relative_to(imports):
             # The catalogue, the token and every tenant's images would be importable.
             p.error(f"--import-dir {args.import_dir} must be outside --data-dir, and not hold it")
+    if args.max_connections_per_peer < 0:
+        p.error("--max-connections-per-peer must be 0 or more")
+    try:
+        buffer_budget = parse_size(args.buffer_budget)
+    except ValueError as exc:
+        p.error(f"--buffer-budget: {exc}")
+    if args.payload_timeout <= 0:
+        p.error("--payload-timeout must be positive")
     topology = {}
     for item in args.topology:
         key, sep, value = item.partition("=")
@@ -317,6 +354,9 @@ def from_args(argv: list[str] | None = None) -> Config:
         metrics_port=metrics_port,
         import_dir=args.import_dir.absolute() if args.import_dir is not None else None,
         insecure_api=args.insecure_api,
+        max_connections_per_peer=args.max_connections_per_peer,
+        buffer_budget=buffer_budget,
+        payload_timeout=args.payload_timeout,
     )
 
 

@@ -12,6 +12,7 @@ unguessable credential, so knowing a volume's name alone never reaches its data.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ class Export:
     tenant: str = ""
     qos: VolumeQos | None = None  # shared by all exports of the volume in this process
 
+    def __post_init__(self) -> None:
+        if self.allowed_peers is not None:
+            self.allowed_peers = frozenset(normalize_peer(p) for p in self.allowed_peers)
+
     @property
     def display_name(self) -> str:
         """The name for logs: an attachment's name holds a credential, so show the volume."""
@@ -78,11 +83,26 @@ class Export:
         return BLOCK_SIZES
 
     def admits(self, peer: str) -> bool:
-        return self.allowed_peers is None or peer in self.allowed_peers
+        return self.allowed_peers is None or normalize_peer(peer) in self.allowed_peers
+
+
+def normalize_peer(address: str) -> str:
+    """One spelling per client address: an IPv4 client of a dual-stack (`::`) listener is
+    seen as ::ffff:a.b.c.d and must match an attachment bound to a.b.c.d; IPv6 addresses
+    take their compressed form. Anything that is not an IP address is returned as is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def redact(name: str) -> str:
-    """An export name fit for logs: attachment names are VOLUME.CREDENTIAL."""
+    """An export name fit for logs and replies: attachment names are VOLUME.CREDENTIAL, and
+    everything after the first dot is the credential (or could be, in a name a client made
+    up), so only the part before it is shown."""
     volume, sep, _ = name.partition(".")
     return f"{volume}.<credential>" if sep else name
 

@@ -9,8 +9,9 @@ a FLUSH in any worker covers writes made in all of them (CAN_MULTI_CONN holds ac
 processes). With --workers 0 the main process serves NBD itself.
 
 Control messages are JSON, one per datagram. To workers: init, conn (with the socket's fd),
-add_export, remove_export, shutdown. From workers: closed (a connection ended), which keeps
-the per-worker connection counts that pick the least busy worker for the next connection;
+add_export, remove_export, shutdown. From workers: closed {peer} (a connection ended), which
+keeps the per-worker connection counts that pick the least busy worker for the next connection
+and the per-address counts of --max-connections-per-peer;
 stats (volume counters for the metrics, storage_node.metrics).
 A worker that dies is replaced; its clients reconnect.
 """
@@ -29,6 +30,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import api
 from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
-from .exports import ExportRegistry
+from .exports import ExportRegistry, normalize_peer
 from .files import create_sparse
 from .metrics import REFRESH_INTERVAL, STATS_INTERVAL, NodeMetrics, StatsReporter
 from .nbd.server import NbdServer
@@ -164,6 +166,7 @@ class Worker:
         self.sock.sendall(init)
         self.sock.setblocking(False)
         self.connections = 0
+        self.peers: Counter[str] = Counter()  # its open connections by client address
         self.ready = False
         self.channel = ControlChannel(self.send)
 
@@ -194,6 +197,8 @@ class StorageNode:
         self._local: ProcessState | None = None
         self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="node-io")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._local_peers: Counter[str] = Counter()  # --workers 0: connections by address
+        self._peers_at_cap: set[str] = set()  # logged once until they are below it again
         self.settings = NodeSettings(
             node_id=config.node_id,
             data_dir=config.data_dir,
@@ -216,6 +221,9 @@ class StorageNode:
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
             qos_file=str(self.qos_path),
+            # Each worker gets an equal share: no shared counter on the hot path.
+            buffer_budget=self.config.buffer_budget // max(self.config.workers, 1),
+            payload_timeout=self.config.payload_timeout,
         )
 
     async def run(self) -> None:
@@ -243,6 +251,11 @@ class StorageNode:
         family = socket.AF_INET6 if ":" in config.nbd_host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # `::` means IPv4 too (and ::ffff:a.b.c.d can be bound), whatever the host's
+            # bindv6only default; IPv4 peers then appear as ::ffff:a.b.c.d and are
+            # normalised to a.b.c.d (normalize_peer), the form attachments are bound to.
+            self._listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             self._listener.bind((config.nbd_host, config.nbd_port))
         except OSError as exc:
@@ -272,6 +285,9 @@ class StorageNode:
                 self._executor,
                 handshake_timeout=config.handshake_timeout,
                 board=self.buckets,
+                on_closed=self._local_closed,
+                budget=config.buffer_budget,
+                payload_timeout=config.payload_timeout,
             )
             self._local = ProcessState(server, self._executor, self.buckets)
             async with self.dataplane.joining(0, self._local.apply):
@@ -371,7 +387,10 @@ class StorageNode:
                 continue
             try:
                 reply = json.loads(message)
-                if reply.get("op") == "stats":
+                if reply.get("op") == "closed":
+                    worker.connections = max(worker.connections - 1, 0)
+                    self._forget_peer(worker.peers, reply.get("peer", ""))
+                elif reply.get("op") == "stats":
                     self.metrics.stats.update(worker.index, reply.get("volumes", {}))
                 else:
                     worker.channel.replied(reply)
@@ -401,18 +420,51 @@ class StorageNode:
         assert self._listener is not None
         for _ in range(64):
             try:
-                conn, _ = self._listener.accept()
+                conn, address = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep serving existing clients
                 log.error("accept failed: %s", exc)
                 return
-            self._hand_off(conn)
+            peer = normalize_peer(str(address[0]))
+            if not self._peer_admitted(peer):
+                conn.close()
+                continue
+            self._hand_off(conn, peer)
 
-    def _hand_off(self, conn: socket.socket) -> None:
+    def _peer_connections(self, peer: str) -> int:
+        if self._local is not None:
+            return self._local_peers[peer]
+        return sum(w.peers[peer] for w in self.workers)
+
+    def _peer_admitted(self, peer: str) -> bool:
+        """--max-connections-per-peer, counted here, where every connection is handed out,
+        so it holds across workers (handshakes run in the workers)."""
+        cap = self.config.max_connections_per_peer
+        if not cap or self._peer_connections(peer) < cap:
+            return True
+        if peer not in self._peers_at_cap:
+            self._peers_at_cap.add(peer)
+            log.warning("%s: %d connections, the limit per client address; closing more", peer, cap)
+        return False
+
+    def _forget_peer(self, peers: Counter[str], peer: str) -> None:
+        peers[peer] -= 1
+        if peers[peer] <= 0:
+            del peers[peer]
+        if peer in self._peers_at_cap and self._peer_connections(peer) < (
+            self.config.max_connections_per_peer
+        ):
+            self._peers_at_cap.discard(peer)
+
+    def _local_closed(self, peer: str) -> None:
+        self._forget_peer(self._local_peers, peer)
+
+    def _hand_off(self, conn: socket.socket, peer: str) -> None:
         if self._local is not None:
             conn.setblocking(False)
-            task = asyncio.get_running_loop().create_task(self._local.server.adopt(conn))
+            self._local_peers[peer] += 1
+            task = asyncio.get_running_loop().create_task(self._local.server.adopt(conn, peer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
@@ -424,8 +476,9 @@ class StorageNode:
                 key=lambda w: (w.connections, (w.index - start) % len(self.workers)),
             )
             for worker in order:
-                if worker.send(control_message("conn"), [conn.fileno()]):
+                if worker.send(control_message("conn", peer=peer), [conn.fileno()]):
                     worker.connections += 1
+                    worker.peers[peer] += 1
                     return
             log.error("no NBD worker could take a connection; closing it")
 

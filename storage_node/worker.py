@@ -28,7 +28,7 @@ from .dataplane import ProcessState
 from .exports import ExportRegistry
 from .metrics import STATS_INTERVAL, StatsReporter
 from .nbd.server import NbdServer
-from .node import CLOSED_MESSAGE, CONTROL_MAX, IO_THREADS
+from .node import CONTROL_MAX, IO_THREADS
 from .qos import SharedBuckets
 
 log = logging.getLogger("storage_node.worker")
@@ -47,6 +47,8 @@ class WorkerProcess:
             on_closed=self._closed,
             board=buckets,
             board_entry=init["index"],
+            budget=init.get("buffer_budget", 0),
+            payload_timeout=init.get("payload_timeout", 30.0),
         )
         self.state = ProcessState(server, self.executor, buckets)
         self.reporter = StatsReporter(self.state.stats)
@@ -88,9 +90,10 @@ class WorkerProcess:
                 self.reporter.forget()
                 return
 
-    def _closed(self) -> None:
-        # The main process counts our connections to pick the least busy worker.
-        self._send(CLOSED_MESSAGE)
+    def _closed(self, peer: str) -> None:
+        # The main process counts our connections to pick the least busy worker, and each
+        # peer's connections across all workers (--max-connections-per-peer).
+        self._send(json.dumps({"op": "closed", "peer": peer}).encode())
 
     def _control(self) -> None:
         while True:
@@ -107,7 +110,8 @@ class WorkerProcess:
             try:
                 self._handle(json.loads(data), fds)
             except Exception:
-                log.exception("bad control message %r", data[:200])
+                # Not the message itself: an add_export carries an attachment's credential.
+                log.exception("bad control message (%d bytes)", len(data))
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         socket.socket(fileno=fd).close()
@@ -117,11 +121,19 @@ class WorkerProcess:
         if op == "conn":
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(False)
-            self._track(self.state.server.adopt(sock))
+            self._track(self._serve(sock, msg.get("peer") or "?"))
         elif op == "shutdown":
             self.stop.set()
         else:
             self._track(self._apply(msg))
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        try:
+            await self.state.server.adopt(sock, peer)
+        except OSError as exc:  # gone before it was served: still counted as closed
+            log.warning("%s: cannot serve the connection: %s", peer, exc)
+            sock.close()
+            self._closed(peer)
 
     def _track(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -66,7 +66,9 @@ class ExportView(Protocol):
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an export name was not granted: the option error and a message for the client."""
+    """Why an export name was not granted: the option error and a message for the client.
+    The message is also logged, so it never holds the requested name as sent (which may
+    carry a credential): only a redacted form of it."""
 
     rep: Rep
     message: str
@@ -272,7 +274,9 @@ class Handshake:
             raise HandshakeError(str(exc)) from None
         found = self.directory.lookup(name, self.peer)
         if isinstance(found, Refusal):
-            raise HandshakeError(f"NBD_OPT_EXPORT_NAME {name!r}: {found.message}")
+            # The message names the export the way the directory allows (redacted): the name
+            # itself may carry a credential, and this text reaches the log.
+            raise HandshakeError(f"NBD_OPT_EXPORT_NAME refused: {found.message}")
         self._enter_transmission(found, name)
         reply = struct.pack(">QH", found.size, found.transmission_flags)
         return reply if self._no_zeroes else reply + bytes(124)

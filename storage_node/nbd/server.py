@@ -1,9 +1,11 @@
 """The NBD server: connections, buffers, dispatch to backends, shutdown.
 
 Owns the asyncio side of NBD for one process: a `Connection` per client (an
-asyncio.BufferedProtocol reading into one preallocated buffer), the handshake timeout, the
-per-connection caps (requests in flight, buffered bytes), and the ordered shutdown
-(stop accepting, leave new requests unanswered, finish in flight, flush, close).
+asyncio.BufferedProtocol reading into one buffer: 4 KiB in the handshake, full size after a
+successful GO), the handshake timeout and the request payload deadline, the per-connection
+caps (requests in flight, buffered bytes), this process's share of the node's buffer budget
+(backpressure when it is full), and the ordered shutdown (stop accepting, leave new requests
+unanswered, finish in flight, flush, close).
 The wire format lives in handshake.py and transmission.py; bytes on disk in backends.
 
 Where I/O runs (shared/PERFORMANCE.md):
@@ -18,19 +20,22 @@ Replies produced in one wake-up are written with one writelines().
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import cast
 
-from ..exports import Export, ExportRegistry
+from ..exports import Export, ExportRegistry, normalize_peer
 from ..qos import Hold, SharedBuckets
 from .constants import MAX_PAYLOAD, CmdFlag, Errno
-from .errors import nbd_errno
+from .errors import nbd_errno, nbd_message
 from .handshake import Handshake, HandshakeError, Negotiated, Phase
 from .transmission import (
     BLOCK_STATUS,
@@ -54,6 +59,9 @@ from .transmission import (
 
 log = logging.getLogger("storage_node.nbd")
 
+# Receive buffer while the handshake runs: the handshake keeps partial options itself, so
+# this only has to take one read; the transmission buffer is allocated after a successful GO.
+HANDSHAKE_BUFFER = 4096
 INITIAL_BUFFER = 256 * 1024
 MAX_BUFFER = 2 * (MAX_PAYLOAD + REQUEST_SIZE)
 MAX_INFLIGHT = 128
@@ -76,8 +84,21 @@ SHARED_TURN_PAUSE = 0.0005
 TURN_BACKLOG = 64 * 1024
 # Reply bytes one connection may have queued before we stop taking its READs.
 READ_BUDGET = 64 * 1024 * 1024
+# The process's share of the node's buffer budget is never below this: two requests of the
+# largest size always fit, so any request can be served once others drain.
+MIN_PROCESS_BUDGET = 2 * MAX_PAYLOAD
+# Over budget, a connection holding less than this may still take requests up to it: small
+# I/O of every client keeps flowing while large buffers wait for the budget to drain.
+SMALL_SHARE = 1024 * 1024
+# While connections wait for the budget, it is recomputed this often (queued replies drain
+# without telling us).
+BUDGET_RECHECK = 0.02
+# After this many connections closed, give freed heap memory back to the system.
+TRIM_AFTER_CLOSED = 32
+TRIM_DELAY = 1.0
 
 Replies = list[bytes | memoryview]
+_U16 = struct.Struct(">H")  # the command type, at offset 6 of a request
 
 
 @dataclass(slots=True)
@@ -90,14 +111,15 @@ class IncomingWrite:
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, peer: str | None = None) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        self.peer = peer or "?"
+        self._given_peer = peer is not None
         self.handshake: Handshake | None = None
         self.session: Negotiated | None = None
         self.export: Export | None = None
-        self._buf = bytearray(INITIAL_BUFFER)
+        self._buf = bytearray(HANDSHAKE_BUFFER)  # grown after a successful GO
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -112,14 +134,23 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_pool: list[bytearray] = []
         self._held: list[Request] = []
         self._next_turn = False
+        # Node buffer budget (NbdServer.charge): bytes this connection is charged for, and
+        # the size of its reply queue when last looked at.
+        self._charged = 0
+        self._queued = 0
+        self._budget_blocked = False
+        # When the request being received began arriving (payload deadline); None: between
+        # requests, or not reading.
+        self._partial_since: float | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "?"
+        if not self._given_peer:
+            peer = transport.get_extra_info("peername")
+            self.peer = normalize_peer(str(peer[0])) if peer else "?"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,6 +162,7 @@ class Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._sock_fd = sock.fileno() if sock is not None else -1
         self.server.connections.add(self)
+        self.server.start_sweeping()
         self.handshake = Handshake(
             self.server.registry, self.peer, shutting_down=lambda: self.server.shutting_down
         )
@@ -143,10 +175,22 @@ class Connection(asyncio.BufferedProtocol):
         log.debug("%s: connection closed (%s)", self.peer, exc or "cleanly")
         self.server.connections.discard(self)
         if self.server.on_closed is not None:
-            self.server.on_closed()
+            self.server.on_closed(self.peer)
         if self._timer is not None:
             self._timer.cancel()
         self.transport = None
+        # Buffers still owned by requests in flight are released as those finish; the rest
+        # goes now, and so does this connection's share of the budget.
+        self._payload_pool.clear()
+        self._direct = None
+        self._held.clear()
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self.server.charge(-self._charged, -self._queued)
+        self._charged = self._queued = 0
+        self._budget_blocked = False
+        self.server.budget_waiters.discard(self)
+        self.server.connection_closed()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -177,19 +221,84 @@ class Connection(asyncio.BufferedProtocol):
             incoming = self._direct
             incoming.filled += nbytes
             if incoming.filled < incoming.head.length:
+                self._mark_partial()
                 return
             self._direct = None
             write = incoming.head._replace(payload=memoryview(incoming.payload))
             self._guarded(lambda: self._run([write]))
+            self._mark_partial()
             return
         self._end += nbytes
         self._guarded(self._received)
+        self._mark_partial()
 
     def _received(self) -> None:
         if self.session is None:
             self._feed_handshake()
         if self.session is not None:
             self._process()
+            self._wait_for_write_budget()
+
+    def _charge(self, nbytes: int) -> None:
+        """Count `nbytes` (negative: release) of buffers against the node's budget."""
+        if self.transport is None and nbytes > 0:
+            return  # closed: connection_lost released everything
+        nbytes = max(nbytes, -self._charged)
+        self._charged += nbytes
+        self.server.charge(nbytes, 0)
+
+    def _sample_queue(self, size: int | None = None) -> int:
+        """Bring the budget's view of this connection's reply queue up to date."""
+        if self.transport is None:
+            return 0
+        if size is None:
+            size = self.transport.get_write_buffer_size()
+        if size != self._queued:
+            self.server.charge(0, size - self._queued)
+            self._queued = size
+        return size
+
+    def _drop_pool(self) -> None:
+        """Give up the buffers kept for reuse: the node is short of them."""
+        if self._payload_pool:
+            released = sum(map(len, self._payload_pool))
+            self._payload_pool.clear()
+            self._charge(-released)
+
+    def _block_on_budget(self) -> None:
+        """Stop reading this connection until the node's budget has room (backpressure)."""
+        if not self._budget_blocked:
+            self._budget_blocked = True
+            self.server.budget_waiters.add(self)
+            self.server.recheck_budget_soon()
+        self._update_reading()
+
+    def _wait_for_write_budget(self) -> None:
+        """A large WRITE has begun arriving: receive its payload only if the budget allows."""
+        if self._direct is not None or self._start == self._end or self.transport is None:
+            return
+        head = self._parser.incomplete_write(self._view[self._start : self._end], DIRECT_WRITE_MIN)
+        if head is None or self.server.room() > 0:
+            return
+        if any(len(b) == head.length for b in self._payload_pool):
+            return  # a pooled buffer fits, and it is already counted
+        self._drop_pool()
+        holding = self._queued + self._charged
+        if self.server.room() <= 0 and head.length > SMALL_SHARE - holding:
+            self._block_on_budget()
+
+    def _mark_partial(self) -> None:
+        """Start (or stop) the clock for the request being received (--payload-timeout)."""
+        partial = (
+            self.session is not None
+            and not self._reading_paused
+            and not self._next_turn
+            and (self._direct is not None or self._start < self._end or self._parser.midway)
+        )
+        if not partial:
+            self._partial_since = None
+        elif self._partial_since is None:
+            self._partial_since = time.monotonic()
 
     def _guarded(self, step: Callable[[], None]) -> None:
         """Run a step of this connection; a failure ends this connection only."""
@@ -228,6 +337,7 @@ class Connection(asyncio.BufferedProtocol):
         payload = next((b for b in pool if len(b) == head.length), None)
         if payload is None:
             payload = bytearray(head.length)
+            self._charge(head.length)
         else:
             pool.remove(payload)
         got = self._end - self._start - REQUEST_SIZE
@@ -257,8 +367,11 @@ class Connection(asyncio.BufferedProtocol):
             self.export = self.session.export
             leftover = self.handshake.leftover
             self.handshake = None
+            # Only now, after a successful GO, does the connection get a full-size buffer.
+            self._buf = bytearray(max(INITIAL_BUFFER, 2 * len(leftover)))
+            self._view = memoryview(self._buf)
             self._buf[: len(leftover)] = leftover
-            self._end = len(leftover)
+            self._start, self._end = 0, len(leftover)
             log.info("%s: connected to export %s", self.peer, self.export.display_name)
 
     def _handshake_timed_out(self) -> None:
@@ -281,14 +394,35 @@ class Connection(asyncio.BufferedProtocol):
         # only a few requests per turn, so no tenant's request waits behind a long run of
         # another's; what is left is taken on the next turn of the event loop.
         limit = min(budget, self.server.turn_size(self.export.tenant))
+        queued = self._sample_queue()
+        read_room = max(READ_BUDGET - queued, 0)
+        # The node's budget: over it, a connection holding little may still take small
+        # requests; anything larger waits until the budget drains (_block_on_budget).
+        strict = False
+        if self.server.room() <= 0:
+            self._drop_pool()
+        room = self.server.room()
+        if room > 0:
+            read_room = min(read_room, room)
+        else:
+            holding = queued + self._charged
+            if holding >= SMALL_SHARE:
+                self._block_on_budget()
+                return
+            read_room = min(read_room, SMALL_SHARE - holding)
+            strict = True
         requests: list[Request] = []
         consumed = self._parser.parse(
             self._view[self._start : self._end],
             requests,
             max_requests=limit,
-            max_read_bytes=max(READ_BUDGET - self.transport.get_write_buffer_size(), 0),
+            max_read_bytes=read_room,
+            strict=strict,
         )
         self._start += consumed
+        if strict and not requests and self._read_is_next():
+            self._block_on_budget()  # a large READ is next: it waits for room
+            return
         if len(requests) == limit and self._start < self._end and not self._next_turn:
             self._next_turn = True
             loop = asyncio.get_running_loop()
@@ -299,6 +433,13 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 loop.call_soon(self._take_turn)
         self._run(requests)
+
+    def _read_is_next(self) -> bool:
+        """True when the next request in the buffer is a READ whose header has arrived."""
+        start = self._start
+        return (
+            self._end - start >= REQUEST_SIZE and _U16.unpack_from(self._buf, start + 6)[0] == READ
+        )
 
     def _take_turn(self) -> None:
         self._next_turn = False
@@ -405,8 +546,13 @@ class Connection(asyncio.BufferedProtocol):
     def _submit(self, batch: list[Request]) -> None:
         self._inflight += len(batch)
         loop = asyncio.get_running_loop()
+        # Replies of READs run in a thread exist only later: count them now.
+        reserved = sum(
+            r.length for r in batch if r.type == READ or (r.type == WRITE and not self._owns(r))
+        )
+        self._charge(reserved)
         fut = loop.run_in_executor(self.server.executor, self._execute_batch, batch)
-        fut.add_done_callback(lambda f: self._batch_done(f, batch))
+        fut.add_done_callback(lambda f: self._batch_done(f, batch, reserved))
 
     def _execute_batch(self, batch: list[Request]) -> Replies:
         out: Replies = []
@@ -414,14 +560,25 @@ class Connection(asyncio.BufferedProtocol):
             out.extend(self._execute(req))
         return out
 
-    def _batch_done(self, fut: asyncio.Future[Replies], batch: list[Request]) -> None:
+    def _batch_done(
+        self, fut: asyncio.Future[Replies], batch: list[Request], reserved: int = 0
+    ) -> None:
         self._inflight -= len(batch)
+        released = reserved
         for req in batch:
             if req.type == WRITE and self._owns(req):
                 assert req.payload is not None
                 buf = cast(bytearray, req.payload.obj)
-                if sum(map(len, self._payload_pool)) + len(buf) <= PAYLOAD_POOL_BYTES:
+                # Kept for the next large WRITE unless the node is short of buffers.
+                if (
+                    self.transport is not None
+                    and self.server.room() > 0
+                    and sum(map(len, self._payload_pool)) + len(buf) <= PAYLOAD_POOL_BYTES
+                ):
                     self._payload_pool.append(buf)
+                else:
+                    released += len(buf)
+        self._charge(-released)
         if self.transport is None:
             return
         if fut.cancelled():
@@ -477,7 +634,8 @@ class Connection(asyncio.BufferedProtocol):
                     req[:5],
                     exc,
                 )
-            return [error_reply(req.cookie, err, f"{exc}", self.session.structured_replies)]
+            # The detail is in the log above; the client gets a fixed text per error value.
+            return [error_reply(req.cookie, err, nbd_message(err), self.session.structured_replies)]
 
     def _sendfile(self, req: Request, out: Replies) -> bool:
         """Send a large READ from a memory-backed image with os.sendfile, with no copy through
@@ -546,20 +704,24 @@ class Connection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self.transport is None:
             return
+        queued = self._sample_queue()
         busy = (
             bool(self._held)
+            or self._budget_blocked
             or (self._next_turn and self._end - self._start > TURN_BACKLOG)
             or self._inflight >= MAX_INFLIGHT
             or self._writing_paused
             or self._disconnecting
-            or self.transport.get_write_buffer_size() > READ_BUDGET
+            or queued > READ_BUDGET
         )
         if busy and not self._reading_paused:
             self._reading_paused = True
+            self._partial_since = None  # our pause: the client is not late
             self.transport.pause_reading()
         elif not busy and self._reading_paused and self._inflight <= MAX_INFLIGHT // 2:
             self._reading_paused = False
             self.transport.resume_reading()
+            self._mark_partial()
             if self._start < self._end and self.session is not None:
                 # Requests left in the buffer when we stopped parsing: take them now.
                 asyncio.get_running_loop().call_soon(self._resume)
@@ -604,14 +766,29 @@ class NbdServer:
         executor: Executor,
         *,
         handshake_timeout: float = 10.0,
-        on_closed: Callable[[], None] | None = None,
+        on_closed: Callable[[str], None] | None = None,
         board: SharedBuckets | None = None,
         board_entry: int = 0,
+        budget: int = 0,
+        payload_timeout: float = 30.0,
     ) -> None:
         self.registry = registry
-        self.on_closed = on_closed  # told of every closed connection (for load balancing)
+        # Told the peer address of every closed connection (load balancing, per-peer caps).
+        self.on_closed = on_closed
         self.executor = executor
         self.handshake_timeout = handshake_timeout
+        # This process's share of the node's buffer budget (0: unlimited): WRITE payload
+        # buffers, READ replies queued or being read. (Receive buffers are not counted: they
+        # are at most about 1 MiB per connection, large WRITEs going to buffers of their own.)
+        self.budget = max(budget, MIN_PROCESS_BUDGET) if budget > 0 else 0
+        self.payload_timeout = payload_timeout
+        self.charged = 0  # buffers (exact)
+        self.queued = 0  # reply bytes queued in transports (as last sampled)
+        self.budget_waiters: set[Connection] = set()
+        self._recheck: asyncio.TimerHandle | None = None
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed_since_trim = 0
+        self._trim: asyncio.TimerHandle | None = None
         self.connections: set[Connection] = set()
         self.held: set[str] = set()  # volumes whose requests wait (quiesce for a snapshot)
         self._tenant_seen: dict[str, float] = {}
@@ -626,10 +803,81 @@ class NbdServer:
     def protocol(self) -> Connection:
         return Connection(self)
 
-    async def adopt(self, sock: socket.socket) -> None:
-        """Serve a connection accepted elsewhere (the acceptor process hands them over)."""
+    async def adopt(self, sock: socket.socket, peer: str | None = None) -> None:
+        """Serve a connection accepted elsewhere (the acceptor process hands them over, with
+        the peer address it counted the connection under)."""
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(self.protocol, sock)
+        await loop.connect_accepted_socket(lambda: Connection(self, peer), sock)
+
+    # -- the buffer budget -----------------------------------------------------------------
+
+    def charge(self, buffers: int, queued: int) -> None:
+        self.charged += buffers
+        self.queued += queued
+        if (buffers < 0 or queued < 0) and self.budget_waiters:
+            self.recheck_budget_soon(0.0)
+
+    def room(self) -> int:
+        """Bytes left in this process's budget (may be negative); huge when unlimited."""
+        if not self.budget:
+            return 1 << 62
+        return self.budget - self.charged - self.queued
+
+    def recheck_budget_soon(self, delay: float = BUDGET_RECHECK) -> None:
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(delay, self._recheck_budget)
+
+    def _recheck_budget(self) -> None:
+        """Reply queues drain without a callback: look at them all, then let waiting
+        connections read again if there is room."""
+        self._recheck = None
+        for conn in self.connections:
+            conn._sample_queue()
+        if self.room() <= 0:
+            for conn in self.connections:
+                conn._drop_pool()
+        if self.room() > 0:
+            waiting, self.budget_waiters = self.budget_waiters, set()
+            for conn in waiting:
+                conn._budget_blocked = False
+                conn._update_reading()
+        if self.budget_waiters:
+            self.recheck_budget_soon()
+
+    # -- deadlines and memory ----------------------------------------------------------------
+
+    def start_sweeping(self) -> None:
+        if self._sweep is None:
+            period = min(1.0, self.payload_timeout / 4)
+            self._sweep = asyncio.get_running_loop().call_later(period, self._sweep_now)
+
+    def _sweep_now(self) -> None:
+        """Drop connections whose request stopped arriving midway (--payload-timeout): a
+        half-sent WRITE must not pin its buffer for ever."""
+        self._sweep = None
+        now = time.monotonic()
+        for conn in list(self.connections):
+            since = conn._partial_since
+            late = since is not None and now - since > self.payload_timeout
+            if late and not conn._reading_paused:
+                conn._hard_disconnect(f"request not received within {self.payload_timeout:g}s")
+        if self.connections:
+            self.start_sweeping()
+
+    def connection_closed(self) -> None:
+        """After a burst of closed connections, give their freed heap back to the system:
+        glibc keeps freed memory in its arenas otherwise, and a node that once held many
+        connections would stay that large."""
+        self._closed_since_trim += 1
+        if self._trim is None and (
+            self._closed_since_trim >= TRIM_AFTER_CLOSED or not self.connections
+        ):
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        self._trim = None
+        self._closed_since_trim = 0
+        asyncio.get_running_loop().run_in_executor(self.executor, _malloc_trim)
 
     def _export_removed(self, export: Export) -> None:
         for conn in list(self.connections):
@@ -688,6 +936,10 @@ class NbdServer:
         every connection closes (clients that reconnect resend what was not answered)."""
         self.shutting_down = True
         loop = asyncio.get_running_loop()
+        for handle in (self._recheck, self._sweep, self._trim):
+            if handle is not None:
+                handle.cancel()
+        self._recheck = self._sweep = self._trim = None
         if not all(c.idle for c in self.connections):
             done: asyncio.Future[None] = loop.create_future()
 
@@ -708,6 +960,11 @@ class NbdServer:
                     log.error("shutdown: flushing export %s failed: %s", export.display_name, exc)
         for conn in list(self.connections):
             conn.close()
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _request_class(req: Request) -> int:

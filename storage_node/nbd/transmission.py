@@ -119,13 +119,14 @@ class RequestParser:
         out: list[Request],
         max_requests: int = 1 << 30,
         max_read_bytes: int = 1 << 62,
+        strict: bool = False,
     ) -> int:
         """Append complete requests in `view` to `out`; return the bytes consumed.
 
         A WRITE whose payload has not fully arrived is left unconsumed (header included).
         Parsing stops after `max_requests`, or once the READs taken would make more than
-        `max_read_bytes` of replies (at least one request is always taken), so a stream of
-        tiny requests cannot make the server produce unbounded output in one go.
+        `max_read_bytes` of replies (at least one request is always taken, unless `strict`),
+        so a stream of tiny requests cannot make the server produce unbounded output in one go.
         """
         n = len(view)
         pos = 0
@@ -140,7 +141,7 @@ class RequestParser:
                 raise ProtocolError(f"bad request magic {magic:#010x}")
             if typ == READ:
                 taken += length
-                if taken > max_read_bytes and out:
+                if taken > max_read_bytes and (out or strict):
                     break
             if typ == WRITE:
                 if length > MAX_PAYLOAD:
@@ -161,6 +162,11 @@ class RequestParser:
                 out.append(Request(flags, typ, cookie, offset, length, None))
                 pos += REQUEST_SIZE
         return pos
+
+    @property
+    def midway(self) -> bool:
+        """True while an oversize WRITE's payload is still being dropped."""
+        return self._discard > 0
 
     @staticmethod
     def incomplete_write(view: memoryview, min_length: int) -> Request | None:
