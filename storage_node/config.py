@@ -90,6 +90,7 @@ class Config:
     overcommit_ratio: float = 1.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = DEFAULT_METRICS_PORT
+    quarantine_orphans: bool = False
 
     @property
     def token_path(self) -> Path:
@@ -141,6 +142,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never create the default export: volumes come only from the management API "
         "(what a deployment wants: the default export needs no attachment credential)",
+    )
+    p.add_argument(
+        "--quarantine-orphans",
+        action="store_true",
+        help="only when the catalogue is missing, empty or damaged while image files exist "
+        "(the node refuses to start then): move those files (and a damaged catalogue) to "
+        "DATA_DIR/quarantine/<time>/ and start with an empty catalogue. Use once, on purpose",
     )
     p.add_argument(
         "--workers",
@@ -258,6 +266,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         overcommit_ratio=args.overcommit_ratio,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        quarantine_orphans=args.quarantine_orphans,
     )
 
 

@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -24,12 +25,41 @@ FICLONE = 0x40049409
 PR_SET_PDEATHSIG = 1
 TMP_SUFFIX = ".tmp"
 _CHUNK = 8 * 1024 * 1024
+_TEMPORARY = re.compile(r"^.+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")
 
 
 def temporary(final: Path) -> Path:
     """A temporary name next to `final`, unique to this attempt: a copy left running by a
     crashed node can never write into, or rename, the file of a later attempt."""
     return final.with_name(f"{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A name `temporary` made: a copy or a new file not yet renamed into place."""
+    return bool(_TEMPORARY.match(path.name))
+
+
+def max_file_size(directory: Path) -> int:
+    """The largest file the filesystem of `directory` allows, in whole 4 KiB blocks (ext4
+    with 4 KiB blocks: 16 TiB - 4 KiB), found by growing an empty sparse file: ftruncate
+    fails with EFBIG (or EINVAL) past the limit, and allocates nothing below it."""
+    probe = temporary(directory / ".max-file-size")
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.unlink(probe)
+        low, high = 0, 1 << 51  # in blocks: 2^63 bytes, the largest off_t, is the ceiling
+        while high - low > 1:
+            mid = (low + high) // 2
+            try:
+                os.ftruncate(fd, mid * 4096)
+                low = mid
+            except OSError as exc:
+                if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                high = mid
+        return low * 4096
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

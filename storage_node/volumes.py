@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import files
+from . import files, quarantine
 from .dataplane import DataPlane
 from .errors import (
     Aborted,
@@ -46,6 +46,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from .store import (
@@ -186,6 +187,7 @@ class VolumeService:
         self.executor = executor
         self.inflight = InFlight()
         self._background: set[asyncio.Task[None]] = set()
+        self._max_file_size = 0  # found on first use (files.max_file_size)
         for d in (settings.volumes_dir, settings.snapshots_dir, settings.images_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -267,6 +269,18 @@ class VolumeService:
                 f"provisioned and {human(add_bytes)} more was asked for"
             )
 
+    async def _check_file_size(self, size: int, what: str) -> None:
+        """OUT_OF_RANGE when the filesystem cannot hold a file of `size` (ext4 with 4 KiB
+        blocks stops at 16 TiB): said before anything is reserved, never an INTERNAL later."""
+        if not self._max_file_size:
+            self._max_file_size = await self._io(files.max_file_size, self.settings.volumes_dir)
+        if size > self._max_file_size:
+            raise OutOfRange(
+                f"storage node {self.settings.node_id!r} cannot hold {what} of {human(size)} "
+                f"({size} bytes): the largest file its data filesystem allows is "
+                f"{human(self._max_file_size)} ({self._max_file_size} bytes)"
+            )
+
     async def _total_bytes(self) -> int:
         st = await self._io(os.statvfs, self.settings.data_dir)
         return int(st.f_blocks * st.f_frsize)
@@ -292,6 +306,7 @@ class VolumeService:
             if kind not in ("snapshot", "volume", "image"):
                 raise InvalidArgument(f"unknown source kind {kind!r}")
             check_id(source_id, {"snapshot": "snap", "volume": "vol", "image": "img"}[kind])
+        await self._check_file_size(size, "a volume")
         with self.inflight.guard(f"volume name {name}"):
             existing = await self.store.run(lambda s: s.volume_by_name(name))
             if existing is not None:
@@ -499,6 +514,7 @@ class VolumeService:
                 )
             if size == row.size:
                 return row
+            await self._check_file_size(size, "a volume")
             total = await self._total_bytes()
 
             def reserve(s: Store) -> None:
@@ -826,13 +842,7 @@ class VolumeService:
         known = {Path(v.path).name for v in volumes}
         known |= {Path(x.path).name for x in snapshots}
         known |= {Path(i.path).name for i in images}
-        # Files without a row: temporaries, or made before their row was written (impossible
-        # by the order of steps, but cheap to check).
-        for d in (self.settings.volumes_dir, self.settings.snapshots_dir, self.settings.images_dir):
-            for p in d.iterdir():
-                if p.name not in known:
-                    log.warning("recovery: removing %s (no row)", p)
-                    await self._io(p.unlink)
+        await self._io(self._set_orphans_aside, known)
         for snap in snapshots:
             if snap.deleting or not snap.ready:
                 # Never acknowledged as ready, or half deleted: finish deleting it. A retried
@@ -888,6 +898,34 @@ class VolumeService:
         for a in attachments:
             if a.volume_id in self.dataplane.volumes:
                 await self._export_attachment(a)
+
+    def _set_orphans_aside(self, known: set[str]) -> None:
+        """Files without a row. A temporary (files.temporary's name) is an unfinished copy
+        or new file that was never acknowledged and whose source, if any, still exists: it
+        is removed. Anything else is moved to the quarantine, never deleted: a catalogue
+        restored from an older backup must not cost the data of the volumes it forgot."""
+        orphans: list[Path] = []
+        for d in (self.settings.volumes_dir, self.settings.snapshots_dir, self.settings.images_dir):
+            for p in sorted(d.iterdir()):
+                if p.name in known:
+                    continue
+                if files.is_temporary(p) and p.is_file():
+                    log.warning("recovery: removing %s (an interrupted copy)", p)
+                    p.unlink()
+                else:
+                    orphans.append(p)
+        if orphans:
+            batch = quarantine.move(self.settings.data_dir, orphans, "no catalogue row")
+            log.warning(
+                "recovery: %d file(s) without a catalogue row moved to %s; nothing was "
+                "deleted (`python -m storage_node quarantine list`)",
+                len(orphans),
+                batch,
+            )
+
+    def quarantined(self) -> tuple[int, int]:
+        """(files, bytes on disk) set aside in the quarantine."""
+        return quarantine.totals(self.settings.data_dir)
 
     async def _source_path_for_recovery(self, vol: VolumeRow) -> str | None:
         if vol.source_kind == "snapshot":
