@@ -141,10 +141,12 @@ def check(writer: Writer, t: Taken, copies: bool) -> None:
         f"the copy; longest write stall {1000 * max(stalls):.1f} ms"
     )
     if copies:
-        # Held for the whole copy, almost every write of the call would come after the
-        # copy's point in time; copying while writes go on, most are in it. (Where blocks
-        # are shared the call is too short for the count to say anything.)
-        assert inside >= 3 * after and inside >= 50, (inside, after)
+        # Held for the whole copy, the writes of the call that are in the copy are only those
+        # of the moments before the hold began (49 with the old code on an idle machine),
+        # and the rest wait for the copy; copying while writes go on, most of the call's
+        # writes are in it (1458 of 1501 on the same machine). Where blocks are shared the
+        # call is too short for these counts to say anything.
+        assert inside >= 3 * after and inside >= 200, (inside, after)
 
 
 def run_scenario(node: ApiNode, data: Path, copies: bool) -> None:
