@@ -548,7 +548,7 @@ def catalogue_problem(path: Path) -> CatalogueProblem | None:
     except sqlite3.Error as exc:
         return CatalogueProblem("damaged", f"cannot be opened ({exc})")
     try:
-        check = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+        check = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
         if check != ["ok"]:
             words = " ".join(" ".join(check).split())  # one line, however SQLite puts it
             words = words if len(words) < 200 else words[:200] + "..."
@@ -564,7 +564,9 @@ def catalogue_problem(path: Path) -> CatalogueProblem | None:
         if rows == 0:
             return CatalogueProblem("empty", "is empty (no export, volume, snapshot or image)")
         return None
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.OperationalError as exc:  # unreadable: permissions, I/O errors, locks
+        return CatalogueProblem("damaged", f"cannot be read ({exc})")
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
         return CatalogueProblem("damaged", f"is damaged ({exc})")
     finally:
         db.close()
