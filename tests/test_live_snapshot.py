@@ -143,10 +143,12 @@ def check(writer: Writer, t: Taken, copies: bool) -> None:
     if copies:
         # Held for the whole copy, the writes of the call that are in the copy are only those
         # of the moments before the hold began (49 with the old code on an idle machine),
-        # and the rest wait for the copy; copying while writes go on, most of the call's
-        # writes are in it (1458 of 1501 on the same machine). Where blocks are shared the
-        # call is too short for these counts to say anything.
-        assert inside >= 3 * after and inside >= 200, (inside, after)
+        # and the rest wait for the copy; copying while writes go on, every write of the
+        # copy's passes is in it (1458 on the same machine, 2000 to 30000 when loaded). What
+        # comes after the point in time depends on the filesystem's fsync (ext4's journal
+        # also waits for the volume's own writeback), so it is printed, not compared. Where
+        # blocks are shared the call is too short for these counts to say anything.
+        assert inside >= 200, (inside, after)
 
 
 def run_scenario(node: ApiNode, data: Path, copies: bool) -> None:
