@@ -101,6 +101,7 @@ class Config:
     max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
     buffer_budget: int = 1 << 30
     payload_timeout: float = DEFAULT_PAYLOAD_TIMEOUT
+    quarantine_orphans: bool = False
 
     @property
     def token_path(self) -> Path:
@@ -178,6 +179,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never create the default export: volumes come only from the management API "
         "(what a deployment wants: the default export needs no attachment credential)",
+    )
+    p.add_argument(
+        "--quarantine-orphans",
+        action="store_true",
+        help="only when the catalogue is missing, empty or damaged while image files exist "
+        "(the node refuses to start then): move those files (and a damaged catalogue) to "
+        "DATA_DIR/quarantine/<time>/ and start with an empty catalogue. Use once, on purpose",
     )
     p.add_argument(
         "--workers",
@@ -357,6 +365,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         max_connections_per_peer=args.max_connections_per_peer,
         buffer_budget=buffer_budget,
         payload_timeout=args.payload_timeout,
+        quarantine_orphans=args.quarantine_orphans,
     )
 
 

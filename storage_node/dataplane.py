@@ -12,8 +12,11 @@ operations, one JSON-able dict each:
     set_qos       {volume_id, tenant, iops, bps, slot, generation}  a volume's QoS limits
                                                     (0: unlimited), kept even before add_volume
     set_tenant_qos {tenant, iops, bps, slot, generation}  a tenant's ceiling over its volumes
-    quiesce       {volume_id}                       hold new requests, finish in-flight, flush
+    quiesce       {volume_id, flush}                hold new requests, finish in-flight, flush
     resume        {volume_id}                       run the held requests
+    track         {volume_id, name, path, chunk, chunks, half}  mark changes in a live copy's map
+    track_switch  {volume_id, name, half}           mark the other half of that map from now on
+    untrack       {volume_id, name}                 the live copy is done
 
 QoS slots index the shared rate-limiter file (storage_node.qos) that every process maps. A
 volume's or tenant's slot is taken with its first limit and kept until the volume is removed
@@ -157,8 +160,23 @@ class ProcessState:
         vid = op["volume_id"]
         await self.server.quiesce(vid)
         backend = self.volumes.get(vid)
-        if backend is not None:
+        if backend is not None and op.get("flush", True):
             await asyncio.get_running_loop().run_in_executor(self.executor, backend.flush)
+
+    def _op_track(self, op: Op) -> None:
+        backend = self.volumes.get(op["volume_id"])
+        if backend is not None:
+            backend.track(op["name"], op["path"], op["chunk"], op["chunks"], op["half"])
+
+    def _op_track_switch(self, op: Op) -> None:
+        backend = self.volumes.get(op["volume_id"])
+        if backend is not None:
+            backend.track_switch(op["name"], op["half"])
+
+    def _op_untrack(self, op: Op) -> None:
+        backend = self.volumes.get(op["volume_id"])
+        if backend is not None:
+            backend.untrack(op["name"])
 
     def _op_resume(self, op: Op) -> None:
         self.server.resume(op["volume_id"])
@@ -178,6 +196,7 @@ class DataPlane:
         self.exports: dict[str, Op] = {}
         self.qos: dict[str, Op] = {}
         self.tenant_qos: dict[str, Op] = {}
+        self.tracking: dict[str, Op] = {}  # live copies in progress, by name
         self._slots: dict[str, int] = {}
         self._free_slots = list(range(SLOTS - 1, -1, -1))
         self._generations = itertools.count(1)
@@ -194,6 +213,7 @@ class DataPlane:
             *({"op": "set_tenant_qos", **q} for q in self.tenant_qos.values()),
             *({"op": "set_qos", **q} for q in self.qos.values()),
             *({"op": "add_volume", **v} for v in self.volumes.values()),
+            *({"op": "track", **t} for t in self.tracking.values()),
             *({"op": "add_export", **e} for e in self.exports.values()),
         ]
 
@@ -291,11 +311,40 @@ class DataPlane:
         async with self._lock:
             await self._broadcast({"op": "resize", "volume_id": volume_id})
 
+    async def track(self, volume_id: str, name: str, path: str, chunk: int, chunks: int) -> None:
+        """From when this returns, every NBD process marks the volume's changes in the map."""
+        async with self._lock:
+            self.tracking[name] = {
+                "volume_id": volume_id,
+                "name": name,
+                "path": path,
+                "chunk": chunk,
+                "chunks": chunks,
+                "half": 0,
+            }
+            await self._broadcast({"op": "track", **self.tracking[name]})
+
+    async def track_switch(self, name: str, half: int) -> None:
+        """From when this returns, no process marks the other half any more."""
+        async with self._lock:
+            t = self.tracking[name]
+            t["half"] = half
+            await self._broadcast(
+                {"op": "track_switch", "volume_id": t["volume_id"], "name": name, "half": half}
+            )
+
+    async def untrack(self, name: str) -> None:
+        async with self._lock:
+            t = self.tracking.pop(name, None)
+            if t is not None:
+                await self._broadcast({"op": "untrack", "volume_id": t["volume_id"], "name": name})
+
     @contextlib.asynccontextmanager
-    async def quiesced(self, volume_id: str) -> AsyncIterator[None]:
-        """Inside: no request to the volume runs anywhere, and what ran is on disk."""
+    async def quiesced(self, volume_id: str, flush: bool = True) -> AsyncIterator[None]:
+        """Inside: no request to the volume runs anywhere, and (with flush) what ran is on
+        disk."""
         try:
-            await self._broadcast({"op": "quiesce", "volume_id": volume_id})
+            await self._broadcast({"op": "quiesce", "volume_id": volume_id, "flush": flush})
             yield
         finally:
             await self._broadcast({"op": "resume", "volume_id": volume_id})

@@ -72,3 +72,7 @@ class FailedPrecondition(StorageError):
 
 class Aborted(StorageError):
     code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(StorageError):
+    code = grpc.StatusCode.OUT_OF_RANGE

@@ -242,6 +242,7 @@ class ControlSnapshot:
     capacity: Capacity | None = None
     attachments: int = 0
     connections: tuple[tuple[str, int], ...] = ()  # (worker, connections)
+    quarantined: tuple[int, int] = (0, 0)  # (files, bytes on disk) in DATA/quarantine
 
 
 async def read_control(
@@ -265,10 +266,12 @@ async def read_control(
     allocated: dict[str, int] = await loop.run_in_executor(
         service.executor, lambda: {p: files.allocated_bytes(Path(p)) for p in paths}
     )
+    quarantined = await loop.run_in_executor(service.executor, service.quarantined)
     tenant_allocated: dict[str, int] = {}
     for row in [*volumes, *snapshots]:
         tenant_allocated[row.tenant] = tenant_allocated.get(row.tenant, 0) + allocated[row.path]
     return ControlSnapshot(
+        quarantined=quarantined,
         node_id=service.settings.node_id,
         version=version,
         volumes=tuple(
@@ -459,6 +462,18 @@ def _node_families(control: ControlSnapshot) -> Iterator[Metric]:
         volumes.add_metric([], len(control.volumes))
     yield attachments
     yield volumes
+    q_files = GaugeMetricFamily(
+        "nbdcsi_node_quarantined_files",
+        "Files set aside in DATA/quarantine because the catalogue had no row for them.",
+    )
+    q_bytes = GaugeMetricFamily(
+        "nbdcsi_node_quarantined_bytes", "Bytes those quarantined files occupy on disk."
+    )
+    if control.node_id:
+        q_files.add_metric([], control.quarantined[0])
+        q_bytes.add_metric([], control.quarantined[1])
+    yield q_files
+    yield q_bytes
 
 
 # -- the whole ---------------------------------------------------------------------------------

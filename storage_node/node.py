@@ -27,6 +27,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from typing import Any
 
 from prometheus_client.registry import CollectorRegistry
 
-from . import api
+from . import api, quarantine
 from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
 from .exports import ExportRegistry, normalize_peer
@@ -45,7 +46,7 @@ from .files import create_sparse
 from .metrics import REFRESH_INTERVAL, STATS_INTERVAL, NodeMetrics, StatsReporter
 from .nbd.server import NbdServer
 from .qos import SharedBuckets
-from .store import ExportRow, Store, StoreThread
+from .store import ExportRow, Store, StoreThread, catalogue_problem
 from .volumes import NodeSettings, VolumeService
 
 log = logging.getLogger("storage_node")
@@ -62,6 +63,48 @@ IO_THREADS = 16
 
 class StartupError(Exception):
     """The node cannot start as configured; the message says why."""
+
+
+def open_catalogue(config: Config) -> Store:
+    """The catalogue, refusing to start when it is missing, empty or unreadable while image
+    files exist: starting with an empty catalogue would orphan every one of them (and a
+    damaged one is never replaced by an empty one silently). --quarantine-orphans moves the
+    files (and a damaged catalogue) to DATA_DIR/quarantine/<time>/ and starts empty."""
+    db = config.db_path
+    problem = catalogue_problem(db)
+    held = quarantine.image_files(config.data_dir)
+    damaged = problem is not None and problem.kind == "damaged"
+    if problem is not None and (held or damaged):
+        if not config.quarantine_orphans:
+            where = f" while {len(held)} image file(s) exist under {config.data_dir}"
+            raise StartupError(
+                f"refusing to start: the catalogue {db} {problem.text}{where if held else ''}. "
+                f"To recover, stop the node and either restore {db.name} from a backup (with "
+                "its -wal file, if any), or start once with --quarantine-orphans to move "
+                f"{'these files' if held else 'the damaged catalogue'} to "
+                f"{quarantine.root(config.data_dir)}/<time>/ and start with an empty "
+                "catalogue (docs/storage-node-api.md, Crash safety)"
+            )
+        # A stale -wal next to a new catalogue would be replayed into it: it goes too.
+        journal = [db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+        moved = [p for p in [*held, *([db] if damaged else []), *journal] if p.exists()]
+        batch = quarantine.move(config.data_dir, moved, f"the catalogue {problem.text}")
+        log.warning(
+            "--quarantine-orphans: the catalogue %s %s; moved %d file(s) to %s; starting "
+            "with an empty catalogue",
+            db,
+            problem.text,
+            len(moved),
+            batch,
+        )
+    try:
+        return Store(db)
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(
+            f"refusing to start: the catalogue {db} cannot be used ({exc}). Restore it from "
+            "a backup, or start once with --quarantine-orphans (docs/storage-node-api.md, "
+            "Crash safety)"
+        ) from None
 
 
 def resolve_exports(config: Config, store: Store) -> list[ExportRow]:
@@ -230,7 +273,7 @@ class StorageNode:
         loop = asyncio.get_running_loop()
         config = self.config
         make_private(config.data_dir)
-        store = Store(config.db_path)
+        store = open_catalogue(config)
         try:
             exports = resolve_exports(config, store)
         except BaseException:
@@ -238,7 +281,7 @@ class StorageNode:
             raise
         token = load_token(config.token_path)
         self.buckets = SharedBuckets(self.qos_path, create=True)
-        self.store = StoreThread(store)
+        self.store = StoreThread(store, config.node_id, config.db_path)
         for e in exports:
             await self.dataplane.add_export(
                 e.name, path=e.path, readonly=e.readonly, description=e.description

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import ResourceExhausted
+
 T = TypeVar("T")
+
+# Tables whose rows stand for image files: a catalogue without any is "empty".
+_OBJECT_TABLES = ("exports", "volumes", "snapshots", "golden_images")
 
 MIGRATIONS: list[str] = [
     # 1: exports created from the command line (--export name=...,size=...).
@@ -243,7 +248,10 @@ class Store:
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, say): ROLLBACK would then
+            # fail and hide the error that matters.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -522,16 +530,79 @@ class Store:
         return int(total)
 
 
-class StoreThread:
-    """Runs every Store call on one dedicated thread, for code on the event loop."""
+@dataclass(frozen=True)
+class CatalogueProblem:
+    kind: str  # "missing", "empty" or "damaged"
+    text: str  # for the operator: "is missing", "is damaged (...)"
 
-    def __init__(self, store: Store) -> None:
+
+def catalogue_problem(path: Path) -> CatalogueProblem | None:
+    """What is wrong with the catalogue at `path`: None when it opens, passes SQLite's
+    quick_check and has at least one object row. Never creates or migrates it."""
+    if not path.exists():
+        return CatalogueProblem("missing", "is missing")
+    if path.stat().st_size == 0:
+        return CatalogueProblem("empty", "is empty (0 bytes)")
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        return CatalogueProblem("damaged", f"cannot be opened ({exc})")
+    try:
+        check = [r[0] for r in db.execute("PRAGMA quick_check(1)")]
+        if check != ["ok"]:
+            words = " ".join(" ".join(check).split())  # one line, however SQLite puts it
+            words = words if len(words) < 200 else words[:200] + "..."
+            return CatalogueProblem("damaged", f"is damaged (SQLite quick_check: {words})")
+        if int(db.execute("PRAGMA user_version").fetchone()[0]) == 0:
+            return CatalogueProblem("empty", "is empty (no schema)")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        rows = sum(
+            db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in _OBJECT_TABLES
+            if t in tables
+        )
+        if rows == 0:
+            return CatalogueProblem("empty", "is empty (no export, volume, snapshot or image)")
+        return None
+    except sqlite3.OperationalError as exc:  # unreadable: permissions, I/O errors, locks
+        return CatalogueProblem("damaged", f"cannot be read ({exc})")
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+        return CatalogueProblem("damaged", f"is damaged ({exc})")
+    finally:
+        db.close()
+
+
+def is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the filesystem (or a quota) has no room for the database to grow."""
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+    )
+
+
+class StoreThread:
+    """Runs every Store call on one dedicated thread, for code on the event loop. A full
+    filesystem is RESOURCE_EXHAUSTED naming the node (and the catalogue) for the caller."""
+
+    def __init__(self, store: Store, node_id: str = "", path: Path | None = None) -> None:
         self.store = store
+        self.node_id = node_id
+        self.path = path
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
 
     async def run(self, fn: Callable[[Store], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, self.store)
+        try:
+            return await loop.run_in_executor(self._executor, fn, self.store)
+        except sqlite3.OperationalError as exc:
+            if not is_full(exc):
+                raise
+            name = self.path.name if self.path else "the catalogue"
+            raise ResourceExhausted(
+                f"storage node {self.node_id!r}: disk full: the filesystem of its data "
+                f"directory has no room to write {name} ({exc}); nothing was changed, "
+                "retry when space is freed"
+            ) from exc
 
     def close(self) -> None:
         self._executor.submit(self.store.close).result()

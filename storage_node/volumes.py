@@ -5,8 +5,8 @@ crashes harmless (the ceph-csi journal pattern): a row is written first (the res
 checked against tenant limits and node capacity in the same transaction), then the file is
 made under a temporary name and renamed into place, then the row is marked ready. Deletion
 marks the row, removes the file, then the row. `recover()` finishes or rolls back whatever a
-crash interrupted, so after a restart every row has its file and every file its row, and a
-retried call converges on the same result.
+crash interrupted, so after a restart every row has its file (or its volume is FAILED) and
+every file in the image directories its row, and a retried call converges on the same result.
 
 Idempotency: creates are keyed by name (same name and parameters: the same object; different
 parameters: ALREADY_EXISTS); deletes by id (already gone: OK). A second call on an object
@@ -16,8 +16,12 @@ What is instant and what copies (docs/storage-node-api.md): a new empty volume i
 snapshot, a clone and a volume from an image share blocks by reflink where the filesystem can
 (XFS, btrfs), which is instant; elsewhere they copy the allocated data. Clones from snapshots
 and images copy in a background child process at the lowest CPU and I/O priority (the volume
-is CREATING until then). A snapshot, or a clone of a live volume, copies while requests to the
-source volume are held, so the copy is one point in time.
+is CREATING until then). A snapshot, or a clone of a live volume, is one point in time
+copied while writes go on, with the volume's requests held only for a last short catch-up
+(`_live_copy`, files.LiveCopy).
+
+Nothing is deleted because a row is missing: files without one are quarantined
+(storage_node.quarantine), except the temporaries of interrupted copies.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import files, imports
+from . import files, imports, quarantine
 from .dataplane import DataPlane
 from .errors import (
     Aborted,
@@ -46,6 +50,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from .store import (
@@ -71,6 +76,11 @@ MAX_PAGE = 1000
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 GONE = "its source disappeared"
 _ID = re.compile(r"^(vol|snap|img)-[0-9a-f]{16}$")
+COPY_MAPS = "copy-maps"  # DATA/copy-maps: dirty maps of live copies (files.LiveCopy)
+# A live copy without reflink holds I/O only for its last catch-up: at most this much
+# (chunks changed during the pass before), after at most this many passes.
+LIVE_COPY_FINAL_BYTES = 32 << 20
+LIVE_COPY_PASSES = 12
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,7 @@ class VolumeService:
         self.executor = executor
         self.inflight = InFlight()
         self._background: set[asyncio.Task[None]] = set()
+        self._max_file_size = 0  # found on first use (files.max_file_size)
         for d in (settings.volumes_dir, settings.snapshots_dir, settings.images_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -305,6 +316,18 @@ class VolumeService:
                 f"provisioned and {human(add_bytes)} more was asked for"
             )
 
+    async def _check_file_size(self, size: int, what: str) -> None:
+        """OUT_OF_RANGE when the filesystem cannot hold a file of `size` (ext4 with 4 KiB
+        blocks stops at 16 TiB): said before anything is reserved, never an INTERNAL later."""
+        if not self._max_file_size:
+            self._max_file_size = await self._io(files.max_file_size, self.settings.volumes_dir)
+        if size > self._max_file_size:
+            raise OutOfRange(
+                f"storage node {self.settings.node_id!r} cannot hold {what} of {human(size)} "
+                f"({size} bytes): the largest file its data filesystem allows is "
+                f"{human(self._max_file_size)} ({self._max_file_size} bytes)"
+            )
+
     async def _total_bytes(self) -> int:
         st = await self._io(os.statvfs, self.settings.data_dir)
         return int(st.f_blocks * st.f_frsize)
@@ -331,6 +354,7 @@ class VolumeService:
             if kind not in ("snapshot", "volume", "image"):
                 raise InvalidArgument(f"unknown source kind {kind!r}")
             check_id(source_id, {"snapshot": "snap", "volume": "vol", "image": "img"}[kind])
+        await self._check_file_size(size, "a volume")
         with self.inflight.guard(f"volume name {name}"):
             existing = await self.store.run(lambda s: s.volume_by_name(name))
             if existing is not None:
@@ -391,10 +415,9 @@ class VolumeService:
                 return row
             try:
                 if kind == "volume":
-                    # A live volume: hold its I/O while copying, so the copy is one point in
-                    # time.
-                    async with self.dataplane.quiesced(source_id):
-                        await self._io(files.clone, Path(source_path), Path(row.path), size)
+                    # A live volume: one point in time, its I/O held only briefly.
+                    with self.inflight.guard(source_id):
+                        await self._live_copy(source_id, Path(source_path), Path(row.path), size)
                 else:
                     await self._io(files.create_sparse, Path(row.path), size)
                 return await self._ready(row)
@@ -406,6 +429,68 @@ class VolumeService:
                 if no_space is None:
                     raise
                 raise no_space from exc
+
+    async def _live_copy(
+        self, volume_id: str, src: Path, dst: Path, size: int | None = None
+    ) -> None:
+        """dst: the served volume src as it was at one moment, holding its I/O only briefly
+        (files.LiveCopy). The first pass and the catch-up passes run while writes go on,
+        until a pass has at most LIVE_COPY_FINAL_BYTES to copy again; only the last
+        catch-up runs with the volume's requests held. copy_file_range shares blocks where
+        the filesystem can (XFS, btrfs: every pass is a reflink of its ranges) and copies
+        elsewhere. A volume written faster than the passes converge fails ABORTED after
+        LIVE_COPY_PASSES passes rather than hold its I/O for long."""
+        started = time.monotonic()
+        name = f"{volume_id}.{secrets.token_hex(4)}"
+        copy = await self._io(
+            files.LiveCopy, src, dst, self.settings.data_dir / COPY_MAPS / f"{name}.map"
+        )
+        tracking = False
+        try:
+            await self.dataplane.track(volume_id, name, str(copy.map_path), copy.chunk, copy.chunks)
+            tracking = True
+            copied = await self._io(copy.first_pass)
+            await self._io(copy.sync)  # the bulk of the writeback, while writes go on
+            half, passes, last = 0, 0, copy.size
+            while True:
+                # Writers move to the other half; the one they left is stable: catch it up.
+                half ^= 1
+                await self.dataplane.track_switch(name, half)
+                last = await self._io(copy.catch_up, half ^ 1)
+                await self._io(copy.sync)
+                passes += 1
+                if last <= LIVE_COPY_FINAL_BYTES:
+                    break
+                if passes >= LIVE_COPY_PASSES:
+                    raise Aborted(
+                        f"volume {volume_id} changes faster than storage node "
+                        f"{self.settings.node_id!r} can copy it while it is written "
+                        f"({human(last)} changed during the last of {passes} passes; "
+                        "its I/O is never held for a whole copy); retry later"
+                    )
+            async with self.dataplane.quiesced(volume_id, flush=False):
+                held = time.monotonic()
+                final = await self._io(copy.catch_up, half)
+                held = time.monotonic() - held
+            await self.dataplane.untrack(name)
+            tracking = False
+            await self._io(copy.commit, size)
+            log.info(
+                "live copy of %s: %s copied while writes went on, %d catch-up pass(es), "
+                "%s in the last, held for %.0f ms (%.0f ms in all)",
+                volume_id,
+                human(copied),
+                passes,
+                human(final),
+                held * 1000,
+                (time.monotonic() - started) * 1000,
+            )
+        except BaseException:
+            if tracking:
+                with contextlib.suppress(Exception):
+                    await self.dataplane.untrack(name)
+            await self._io(copy.abort)
+            raise
 
     async def _source_path(self, kind: str, source_id: str, tenant: str, size: int) -> str:
         if not kind:
@@ -539,6 +624,7 @@ class VolumeService:
                 )
             if size == row.size:
                 return row
+            await self._check_file_size(size, "a volume")
             total = await self._total_bytes()
 
             def reserve(s: Store) -> None:
@@ -598,8 +684,7 @@ class VolumeService:
                 else:
                     snap = existing  # a retry after a crash or failure: finish it
                 try:
-                    async with self.dataplane.quiesced(volume_id):
-                        await self._io(files.clone, Path(vol.path), Path(snap.path))
+                    await self._live_copy(volume_id, Path(vol.path), Path(snap.path))
                 except Exception as exc:
                     # No half-made snapshot stays: the file (and its temporary) first, which
                     # frees the space, then the row.
@@ -881,13 +966,8 @@ class VolumeService:
         known = {Path(v.path).name for v in volumes}
         known |= {Path(x.path).name for x in snapshots}
         known |= {Path(i.path).name for i in images}
-        # Files without a row: temporaries, or made before their row was written (impossible
-        # by the order of steps, but cheap to check).
-        for d in (self.settings.volumes_dir, self.settings.snapshots_dir, self.settings.images_dir):
-            for p in d.iterdir():
-                if p.name not in known:
-                    log.warning("recovery: removing %s (no row)", p)
-                    await self._io(p.unlink)
+        await self._io(self._set_orphans_aside, known)
+        await self._io(self._remove_copy_maps)
         for snap in snapshots:
             if snap.deleting or not snap.ready:
                 # Never acknowledged as ready, or half deleted: finish deleting it. A retried
@@ -943,6 +1023,41 @@ class VolumeService:
         for a in attachments:
             if a.volume_id in self.dataplane.volumes:
                 await self._export_attachment(a)
+
+    def _set_orphans_aside(self, known: set[str]) -> None:
+        """Files without a row. A temporary (files.temporary's name) is an unfinished copy
+        or new file that was never acknowledged and whose source, if any, still exists: it
+        is removed. Anything else is moved to the quarantine, never deleted: a catalogue
+        restored from an older backup must not cost the data of the volumes it forgot."""
+        orphans: list[Path] = []
+        for d in (self.settings.volumes_dir, self.settings.snapshots_dir, self.settings.images_dir):
+            for p in sorted(d.iterdir()):
+                if p.name in known:
+                    continue
+                if files.is_temporary(p) and p.is_file():
+                    log.warning("recovery: removing %s (an interrupted copy)", p)
+                    p.unlink()
+                else:
+                    orphans.append(p)
+        if orphans:
+            batch = quarantine.move(self.settings.data_dir, orphans, "no catalogue row")
+            log.warning(
+                "recovery: %d file(s) without a catalogue row moved to %s; nothing was "
+                "deleted (`python -m storage_node quarantine list`)",
+                len(orphans),
+                batch,
+            )
+
+    def _remove_copy_maps(self) -> None:
+        """Dirty maps of live copies a crash interrupted: bookkeeping, never data."""
+        maps = self.settings.data_dir / COPY_MAPS
+        if maps.is_dir():
+            for p in maps.iterdir():
+                p.unlink()
+
+    def quarantined(self) -> tuple[int, int]:
+        """(files, bytes on disk) set aside in the quarantine."""
+        return quarantine.totals(self.settings.data_dir)
 
     async def _source_path_for_recovery(self, vol: VolumeRow) -> str | None:
         if vol.source_kind == "snapshot":

@@ -9,7 +9,8 @@ node's whole process tree at a random moment (mostly inside a call: after a rand
 calls has begun, plus a random jitter). After each restart:
 
 - every volume row (ready) and snapshot row has its image file, of the row's size; every file
-  under volumes/, snapshots/ and golden-images/ has a row; no *.tmp file is left;
+  under volumes/, snapshots/ and golden-images/ has a row; no *.tmp file is left, and nothing
+  was quarantined (a crash leaves no orphan but temporaries, which recovery removes);
 - volumes in the creating state become ready (none may fail here: their sources exist);
 - the retried call converges: it returns its object, and no name exists twice;
 - the objects are exactly those whose creation was acknowledged (plus the interrupted one);
@@ -318,6 +319,8 @@ def check_catalogue(data_dir: Path) -> None:
             assert p in known, f"{sub}/{p.name} has no row"
     leftovers = [str(p.relative_to(data_dir)) for p in data_dir.rglob("*.tmp")]
     assert not leftovers, leftovers
+    # Recovery finds no orphan to set aside: only temporaries lack a row after a crash.
+    assert not (data_dir / "quarantine").exists(), list((data_dir / "quarantine").rglob("*"))
     vids = {v[0] for v in volumes}
     assert all(a[0] in vids for a in attachments)
 

@@ -5,6 +5,11 @@ and RWF_DSYNC for FUA, hole punching for TRIM and WRITE_ZEROES, SEEK_DATA/SEEK_H
 base:allocation, posix_fadvise for CACHE. Every connection to an export, in every worker
 process, writes through the same inode's page cache, so one fdatasync on any of them makes
 all completed writes durable: that is what lets the server advertise CAN_MULTI_CONN.
+
+While a live copy of the volume runs (a snapshot or clone without reflink,
+storage_node.files.LiveCopy), every write, trim and zero also marks the chunks it changed in
+the copy's shared dirty map (`track`), after the change is in the file and before the
+request completes: whatever the copy read before that is copied again.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
 import struct
+import threading
 
 from ..nbd.constants import State
 from . import NotFast
@@ -50,6 +57,37 @@ def _try_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     return True
 
 
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+class DirtyMap:
+    """A live copy's map, shared by every NBD process through a file: two halves of one
+    byte per chunk (a byte, not a bit: processes set them without read-modify-write). Writers
+    mark the half the copy named last (`half`); the copy reads and clears the other one."""
+
+    def __init__(self, path: str, chunk: int, chunks: int, half: int = 0) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.map = mmap.mmap(fd, 2 * chunks)
+        finally:
+            os.close(fd)
+        self.chunk, self.chunks, self.half = chunk, chunks, half
+
+    def mark(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset // self.chunk
+        last = min((offset + length - 1) // self.chunk, self.chunks - 1)
+        if first > last:
+            return
+        base = self.half * self.chunks
+        self.map[base + first : base + last + 1] = b"\x01" * (last - first + 1)
+
+    def close(self) -> None:
+        self.map.close()
+
+
 def filesystem_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)
     if _libc.fstatfs(fd, buf) != 0:
@@ -74,6 +112,8 @@ class FileBackend:
         self._nowait_reads = not self._memory
         self._can_punch = True
         self._can_zero_range = True
+        self._maps: dict[str, DirtyMap] = {}  # live copies in progress, by name
+        self._maps_lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -121,13 +161,44 @@ class FileBackend:
     def sendfile_fd(self) -> int | None:
         return self._fd
 
+    # -- live copies -------------------------------------------------------------------------
+
+    def track(self, name: str, path: str, chunk: int, chunks: int, half: int = 0) -> None:
+        dirty = DirtyMap(path, chunk, chunks, half)
+        with self._maps_lock:
+            self._maps[name] = dirty
+
+    def track_switch(self, name: str, half: int) -> None:
+        with self._maps_lock:
+            dirty = self._maps.get(name)
+            if dirty is not None:
+                dirty.half = half
+
+    def untrack(self, name: str) -> None:
+        with self._maps_lock:
+            dirty = self._maps.pop(name, None)
+        if dirty is not None:
+            dirty.close()
+
+    def _changed(self, offset: int, length: int) -> None:
+        """After a change is in the file: mark it for the live copies. Unlocked emptiness
+        check first: a map added after it means the change was in before the copy began."""
+        if self._maps:
+            with self._maps_lock:
+                for dirty in self._maps.values():
+                    dirty.mark(offset, length)
+
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
         flags = os.RWF_DSYNC if fua else 0
         view = memoryview(data)
-        while view:
-            n = os.pwritev(self._fd, [view], offset, flags)
-            view = view[n:]
-            offset += n
+        start, length = offset, len(view)
+        try:
+            while view:
+                n = os.pwritev(self._fd, [view], offset, flags)
+                view = view[n:]
+                offset += n
+        finally:
+            self._changed(start, length)  # also a partial write (ENOSPC)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
@@ -150,10 +221,19 @@ class FileBackend:
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # TRIM is a hint: a filesystem that cannot punch holes just keeps the data.
-        self._punch(offset, length)
+        try:
+            self._punch(offset, length)
+        finally:
+            self._changed(offset, length)
         self._after_write(fua)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        try:
+            self._zero(offset, length, may_trim, fast, fua)
+        finally:
+            self._changed(offset, length)
+
+    def _zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         if (may_trim and self._punch(offset, length)) or self._zero_range(offset, length):
             return self._after_write(fua)
         if self._punch(offset, length):
@@ -198,6 +278,8 @@ class FileBackend:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
+        for name in list(self._maps):
+            self.untrack(name)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
