@@ -89,15 +89,14 @@ def test_every_file_the_node_writes_is_0600_in_0700_directories(tmp_path: Path) 
 
 
 def test_an_older_data_directory_is_tightened_at_start(tmp_path: Path) -> None:
+    # A real data directory (catalogue, token, images) as an older version left it, with the
+    # default umask's modes; planting files without catalogue rows would rightly be refused.
     data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    data.chmod(0o755)
-    (data / "images").chmod(0o755)
-    token = data / "api-token"
-    token.write_text("an-old-token-of-more-than-16-characters\n")
-    token.chmod(0o644)
-    (data / "images" / "old.img").write_bytes(b"")
-    (data / "images" / "old.img").chmod(0o644)
+    with api_node(data, workers=0):
+        pass
+    for path in [data, *data.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert loose(data) != []
     with umask(0o022), api_node(data, workers=0):
         pass
     assert loose(data) == []
