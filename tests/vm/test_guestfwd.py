@@ -26,7 +26,8 @@ def forwarded_stream(command: str, sent: bytes = b"") -> bytes:
     """What the guest side of one forwarded connection receives until the command exits."""
     guest, host = socket.socketpair()
     with guest, host:
-        proc = subprocess.Popen(shlex.split(command), stdin=host, stdout=host, stderr=host)
+        fd = host.fileno()
+        proc = subprocess.Popen(shlex.split(command), stdin=fd, stdout=fd, stderr=fd)
         host.close()
         guest.sendall(sent)
         guest.settimeout(30)
