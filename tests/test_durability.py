@@ -7,7 +7,10 @@ and any process it started are killed with SIGKILL; it is restarted on the same 
 port, and every write covered by a completed flush (or a completed FUA write) must read back
 exactly, in this generation and all earlier ones. Blocks written but not covered must read as
 zeros or as exactly what was written. The random seed is printed; set NBD_DURABILITY_SEED to
-replay a run. NBD_CLIENT_TESTS_SERVER=qemu-nbd runs the same test against qemu-nbd.
+replay a run. On our storage node it runs against command-line exports and against a volume
+reached through its attachment (the product path: credential, Stats and QoS layers in the
+way; the node restarts from its data dir and serves the same attachment again).
+NBD_CLIENT_TESTS_SERVER=qemu-nbd runs the same test against qemu-nbd.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tests.clients.targets import (
     DEBIAN_PYTHON,
     ExportSpec,
     NbdTarget,
+    access_kinds,
     debian_python_env,
     describe,
     run,
@@ -132,7 +136,8 @@ def wait_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def test_flushed_writes_survive_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("access", access_kinds())
+def test_flushed_writes_survive_sigkill(tmp_path: Path, access: str) -> None:
     seed = int(os.environ.get("NBD_DURABILITY_SEED", random.randrange(1 << 32)))
     print(f"NBD_DURABILITY_SEED={seed}")
     rng = random.Random(seed)
@@ -144,7 +149,7 @@ def test_flushed_writes_survive_sigkill(tmp_path: Path) -> None:
 
     def start() -> NbdTarget:
         # Same workdir and port each time: the image left by the killed server is served again.
-        return start_target(kind, workdir, [EXPORT], port=port)
+        return start_target(kind, workdir, [EXPORT], port=port, access=access)
 
     target = start()
     totals = {"covered": 0, "flushes": 0, "rounds_killed_mid_load": 0}
@@ -184,9 +189,10 @@ def test_flushed_writes_survive_sigkill(tmp_path: Path) -> None:
     assert totals["rounds_killed_mid_load"] >= ROUNDS // 2, totals
 
 
-def test_checker_notices_a_lost_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("access", access_kinds())
+def test_checker_notices_a_lost_write(tmp_path: Path, access: str) -> None:
     """Negative control: a block the log calls durable but the server lacks fails the check."""
-    target = start_target(server_kind(), tmp_path / "server", [EXPORT])
+    target = start_target(server_kind(), tmp_path / "server", [EXPORT], access=access)
     try:
         log = tmp_path / "durable.jsonl"
         log.write_text(json.dumps({"gen": 0, "blocks": [5]}) + "\n")

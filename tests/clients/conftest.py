@@ -1,7 +1,9 @@
 """Fixtures for the client interoperability tests.
 
 Owns: `target`, a fresh server with the standard exports for each test (our storage node, or
-qemu-nbd when NBD_CLIENT_TESTS_SERVER=qemu-nbd), and the `peer_differs` marker: a case that
+qemu-nbd when NBD_CLIENT_TESTS_SERVER=qemu-nbd); on our storage node every test runs twice,
+against command-line exports (`[export]`) and against volumes reached through attachments
+(`[volume]`, tests/clients/targets.py), and the `peer_differs` marker: a case that
 pins down our behaviour where qemu-nbd is known to behave otherwise is expected to fail (strictly)
 when the tests run against qemu-nbd, and must pass against ours.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.targets import OURS, NbdTarget, server_kind, start_target
+from tests.clients.targets import OURS, NbdTarget, access_kinds, server_kind, start_target
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,9 +36,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xfail(reason=f"{kind}: {reason}", strict=True))
 
 
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[NbdTarget]:
-    t = start_target(server_kind(), tmp_path / "server")
+@pytest.fixture(params=access_kinds())
+def target(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NbdTarget]:
+    t = start_target(server_kind(), tmp_path / "server", access=request.param)
     try:
         yield t
     finally:

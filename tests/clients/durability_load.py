@@ -8,7 +8,8 @@ which only Debian's /usr/bin/python3 has):
           When a flush completes, the writes it covers are appended to the log and fsync'd.
           Covered means: the write's reply had arrived before the flush was sent (spec,
           NBD_CMD_FLUSH), or the write carried FUA and its reply has arrived. It runs until the
-          server dies under it, the region is full, or its time is up.
+          server dies under it or the region is full, never for a set time: the test kills the
+          server when the log shows the progress it wants, however slow the machine.
   verify  reads the log and checks, through a fresh connection, that every covered block
           reads back exactly, and that every other block it is told about is either all zeros
           (never reached the file) or exactly what was written (never torn, never misplaced).
@@ -26,7 +27,6 @@ import json
 import os
 import struct
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,7 +70,6 @@ def write(args: argparse.Namespace) -> int:
     print("connected", flush=True)
 
     gen, first, end = args.generation, args.first_block, args.first_block + args.blocks
-    deadline = time.monotonic() + args.seconds
     writes: dict[int, tuple[int, bool, bytes]] = {}  # cookie -> (block, fua, buffer kept alive)
     flushes: dict[int, int] = {}  # cookie -> index of the snapshot it covers
     snapshots: list[list[int]] = []  # blocks completed between two flush submissions
@@ -78,9 +77,9 @@ def write(args: argparse.Namespace) -> int:
     logged_snapshots = 0
     stats = {"issued": 0, "completed": 0, "flushes": 0, "covered": 0}
     next_block = first
-    reason = "time"
+    reason = ""
     try:
-        while time.monotonic() < deadline:
+        while True:
             while len(writes) < args.in_flight and next_block < end:
                 fua = args.fua_every > 0 and next_block % args.fua_every == 0
                 buf = block_bytes(gen, next_block)
@@ -203,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--in-flight", type=int, default=16)
     w.add_argument("--flush-every", type=int, default=32)
     w.add_argument("--fua-every", type=int, default=7)
-    w.add_argument("--seconds", type=float, default=15.0)
     v = sub.add_parser("verify")
     v.add_argument("uri")
     v.add_argument("log")

@@ -5,6 +5,12 @@ storage node (the default) or on qemu-nbd (`NBD_CLIENT_TESTS_SERVER=qemu-nbd`, o
 export since it serves one export per process), and `run()`, which starts a client bounded in
 time and keeps its output for the failure message. Also the small helpers several client tests
 share: nbdinfo's JSON and merged allocation map, patterned sparse files, their data extents.
+
+On our storage node the exports come in two kinds (`ACCESS_KINDS`): `export`, command-line
+exports (`--export`), and `volume`, the product path: each export is a volume made through the
+management API, with QoS limits set far above any test's load (so the limiter runs on every
+request), published for 127.0.0.1, and reached under its attachment's export name, which holds
+the credential. The client sees the same sizes, flags and bytes either way.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage_node.v1 import storage_node_pb2 as spb
+from tests.support.api import ApiNode, start_api_node
 from tests.support.servers import ServerHandle, start_qemu_nbd, start_storage_node
 
 KiB = 1024
@@ -29,6 +37,16 @@ SERVER_ENV = "NBD_CLIENT_TESTS_SERVER"
 OURS = "ours"
 QEMU_NBD = "qemu-nbd"
 SERVER_KINDS = (OURS, QEMU_NBD)
+
+# How the exports are reached on our storage node (module docstring).
+EXPORT = "export"
+VOLUME = "volume"
+ACCESS_KINDS = (EXPORT, VOLUME)
+# The volume kind's attachments: the node the clients stand for, at their address.
+CLIENT_NODE = "client-tests"
+CLIENT_ADDRESS = "127.0.0.1"
+# Far above what any client test asks for, so QoS admits every request without waiting.
+GENEROUS_QOS = spb.Qos(iops=10_000_000, bytes_per_second=64 * 1024 * MiB)
 
 # Debian's libnbd Python binding lives with Debian's interpreter, not with the one running pytest.
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -69,6 +87,11 @@ def server_kind() -> str:
     return kind
 
 
+def access_kinds() -> tuple[str, ...]:
+    """How the exports can be reached on the server under test: volumes exist only on ours."""
+    return ACCESS_KINDS if server_kind() == OURS else (EXPORT,)
+
+
 def size_arg(size: int) -> str:
     """Render a size the way the storage node's --export option takes it (K/M/G binary)."""
     for suffix, unit in (("G", 1024 * MiB), ("M", MiB), ("K", KiB)):
@@ -100,10 +123,23 @@ class NbdTarget:
     exports: dict[str, ExportSpec]
     handles: dict[str, ServerHandle]
     images: dict[str, Path]
+    access: str = EXPORT
+    # The name on the wire, when it is not the export's own (a volume's attachment).
+    wire_names: dict[str, str] = field(default_factory=dict)
+    api_node: ApiNode | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
+    def export_name(self, name: str) -> str:
+        """What a client sends in NBD_OPT_GO/EXPORT_NAME to reach the export `name`."""
+        return self.wire_names.get(name, name)
+
     def uri(self, name: str) -> str:
-        return self.handles[name].uri(name)
+        return self.handles[name].uri(self.export_name(name))
+
+    @property
+    def listed(self) -> dict[str, ExportSpec]:
+        """The exports NBD_OPT_LIST shows: every command-line export, never an attachment."""
+        return {} if self.access == VOLUME else self.exports
 
     def server_uri(self) -> str:
         """URI with an empty export name, for listing and the option phase."""
@@ -130,6 +166,9 @@ class NbdTarget:
     def stop(self) -> None:
         if not self._stopped:
             self._stopped = True
+            if self.api_node is not None:
+                self.api_node.stop()
+                return
             for h in self.servers():
                 h.stop()
 
@@ -140,8 +179,17 @@ def start_target(
     exports: Sequence[ExportSpec] = STANDARD_EXPORTS,
     *,
     port: int | None = None,
+    access: str = EXPORT,
 ) -> NbdTarget:
-    """Start `exports` on the server `kind` with all state under `workdir`."""
+    """Start `exports` on the server `kind` with all state under `workdir`.
+
+    With access=VOLUME (our storage node only) the exports are volumes behind attachments;
+    started again on the same workdir, the same volumes and attachments are served.
+    """
+    if access == VOLUME:
+        if kind != OURS:
+            raise ValueError(f"volumes exist only on our storage node, not on {kind}")
+        return start_volume_target(workdir, exports, port=port)
     specs = {e.name: e for e in exports}
     images: dict[str, Path] = {}
     handles: dict[str, ServerHandle] = {}
@@ -182,6 +230,57 @@ def start_target(
     else:
         raise ValueError(f"unknown server kind {kind!r}")
     return NbdTarget(kind=kind, exports=specs, handles=handles, images=images)
+
+
+def start_volume_target(
+    workdir: Path, exports: Sequence[ExportSpec], *, port: int | None = None
+) -> NbdTarget:
+    """`exports` as volumes on a storage node with its API (see start_target)."""
+    data_dir = workdir / "data"
+    node = start_api_node(
+        data_dir, workers=None, exports=(), extra_args=["--no-default-export"], nbd_port=port
+    )
+    try:
+        wire_names: dict[str, str] = {}
+        images: dict[str, Path] = {}
+        for e in exports:
+            volume = _volume(node, e)
+            attachment = node.api.publish(
+                volume.id, CLIENT_NODE, CLIENT_ADDRESS, readonly=e.readonly
+            )
+            wire_names[e.name] = attachment.export_name
+            images[e.name] = data_dir / "volumes" / f"{volume.id}.img"
+    except BaseException:
+        node.stop()
+        raise
+    assert node.handle is not None
+    return NbdTarget(
+        kind=OURS,
+        exports={e.name: e for e in exports},
+        handles=dict.fromkeys(wire_names, node.handle),
+        images=images,
+        access=VOLUME,
+        wire_names=wire_names,
+        api_node=node,
+    )
+
+
+def _volume(node: ApiNode, spec: ExportSpec) -> spb.Volume:
+    """The volume named spec.name: found again after a restart, else made, limited, seeded."""
+    found = node.api.ListVolumes(spb.ListVolumesRequest(name=spec.name)).volumes
+    if found:
+        return found[0]
+    volume = node.api.wait_volume(node.api.create_volume(spec.name, spec.size, "client-tests").id)
+    node.api.SetVolumeQos(spb.SetVolumeQosRequest(volume_id=volume.id, qos=GENEROUS_QOS))
+    if spec.seed:
+        # Written through NBD by a writer node of its own, as a provisioner would fill it.
+        writer = node.api.publish(volume.id, "seed-writer", CLIENT_ADDRESS)
+        seed = node.data_dir.parent / "seed" / f"{spec.name}.seed"
+        seed.parent.mkdir(parents=True, exist_ok=True)
+        seed.write_bytes(spec.seed)
+        run(["nbdcopy", "--synchronous", str(seed), writer.uri])
+        node.api.unpublish(volume.id, "seed-writer")
+    return volume
 
 
 def run(

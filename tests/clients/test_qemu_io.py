@@ -22,7 +22,8 @@ def open_uri(target: NbdTarget, export: str) -> list[str]:
 
 def open_image_opts(target: NbdTarget, export: str) -> list[str]:
     host, port = target.host_port(export)
-    opts = f"driver=raw,file.driver=nbd,file.host={host},file.port={port},file.export={export}"
+    opts = f"driver=raw,file.driver=nbd,file.host={host},file.port={port},"
+    opts += f"file.export={target.export_name(export)}"
     return ["--image-opts", opts]
 
 

@@ -1,7 +1,8 @@
 """A deliberately small, blocking NBD client for tests that need to misbehave on the wire.
 
 Real clients (qemu-io, nbdsh, ...) refuse to send malformed traffic; this one sends exactly
-the bytes a test asks for. Message layouts come from shared/reference/nbd-protocol.md.
+the bytes a test asks for. Message layouts come from the NBD protocol specification (the
+NetworkBlockDevice project's doc/proto.md).
 """
 
 from __future__ import annotations

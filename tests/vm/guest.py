@@ -18,6 +18,7 @@ import gzip
 import lzma
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -329,7 +330,13 @@ class GuestImage:
             for name, path in (files or {}).items()
         }
         argv = self.qemu_argv(
-            cmd_file, nbd_port=nbd_port, drives=drives, files=disks, memory_mb=memory_mb, cpus=cpus
+            cmd_file,
+            nbd_port=nbd_port,
+            drives=drives,
+            files=disks,
+            memory_mb=memory_mb,
+            cpus=cpus,
+            forward_log=workdir / "guestfwd.log",
         )
         if host_root:
             argv += [
@@ -372,13 +379,14 @@ class GuestImage:
         files: Mapping[str, Path],
         memory_mb: int,
         cpus: int,
+        forward_log: Path | None = None,
     ) -> list[str]:
         netdev = "user,id=n0,restrict=on"
         if nbd_port is not None:
             # The cmd form runs socat per guest connection; the chardev form connects only once.
             netdev += (
                 f",guestfwd=tcp:{GUEST_NBD_ADDR}:{GUEST_NBD_PORT}"
-                f"-cmd:socat - TCP:127.0.0.1:{nbd_port}"
+                f"-cmd:{guestfwd_command(nbd_port, forward_log)}"
             )
         argv = [
             QEMU,
@@ -423,6 +431,21 @@ class GuestImage:
                 f"virtio-blk-pci,drive=file{i},serial={name}",
             ]
         return argv
+
+
+def guestfwd_command(nbd_port: int, log: Path | None = None) -> str:
+    """The command QEMU's user-mode network runs for each guest connection to the NBD address.
+
+    QEMU hands that command the connection as stdin, stdout *and* stderr, so anything socat
+    logs would enter the guest's NBD stream (a broken connection made socat log an error whose
+    timestamp the guest's kernel read as a reply: "nbd0: Wrong magic (0x32303236)", ASCII
+    "2026"). socat logs to `log` (appending; kept for diagnosis) or to /dev/null instead.
+    QEMU splits the command like a shell, without running one, and ends it at a comma.
+    """
+    target = str(log) if log is not None else os.devnull
+    if "," in target:
+        raise ValueError(f"guestfwd log path may not contain a comma: {target!r}")
+    return f"socat -lf {shlex.quote(target)} - TCP:127.0.0.1:{nbd_port}"
 
 
 def build_hostroot_initramfs(cache_dir: Path, kernel: Kernel) -> Path:

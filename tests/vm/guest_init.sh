@@ -25,10 +25,11 @@ while read -r mod; do
     insmod "/lib/modules/$mod.ko" || say "insmod $mod failed"
 done < /lib/modules/load-order
 
-# Devices appear asynchronously after insmod: wait for them, but boundedly (50 x 0.1 s).
+# Devices appear asynchronously after insmod: wait for them, but boundedly (600 x 0.1 s: a
+# bound for a stuck guest, far above what a slow TCG guest on a loaded host takes).
 wait_for() {
     n=0
-    while [ ! -e "$1" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    while [ ! -e "$1" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
     [ -e "$1" ] || say "gave up waiting for $1"
 }
 

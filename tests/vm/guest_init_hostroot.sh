@@ -25,7 +25,7 @@ done < /lib/modules/load-order
 
 wait_for() {
     n=0
-    while [ ! -e "$1" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    while [ ! -e "$1" ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
     [ -e "$1" ] || say "gave up waiting for $1"
 }
 

@@ -35,6 +35,8 @@ METRICS = "127.0.0.1:9810"
 PLUGIN_LOG = Path("/run/plugin.log")
 MiB = 1024 * 1024
 T0 = time.monotonic()
+# fio's --runtime when it must run until told to stop: a day, far past any timeout here.
+FIO_UNTIL_STOPPED = 24 * 3600
 
 
 def say(kind: str, key: str, value: object = "") -> None:
@@ -183,6 +185,12 @@ def nbd_of(target: str) -> str:
     return os.path.basename(os.readlink(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"))
 
 
+def completed_ios(dev: str) -> int:
+    """Reads plus writes the block device has completed (/sys/block/DEV/stat fields 1 and 5)."""
+    fields = Path(f"/sys/block/{dev}/stat").read_text().split()
+    return int(fields[0]) + int(fields[4])
+
+
 def established(port: int) -> int:
     """TCP connections to the storage node in state ESTABLISHED (the kernel's sockets)."""
     count = 0
@@ -289,6 +297,8 @@ def main() -> None:
     step("ext4-done")
 
     # -- fio on the raw block volume while the plugin and then the storage node restart ----
+    # fio runs until this script stops it (SIGINT, after the restarts it must live through),
+    # never for a fixed time: a slow guest takes longer for each restart, not fewer of them.
     fio = subprocess.Popen(
         [
             "fio",
@@ -301,7 +311,7 @@ def main() -> None:
             "--offset=16M",
             "--size=32M",
             "--time_based",
-            f"--runtime={spec['fio_seconds']}",
+            f"--runtime={FIO_UNTIL_STOPPED}",
             "--output-format=json",
             "--eta=never",
             "--output=/run/fio.out",
@@ -334,9 +344,24 @@ def main() -> None:
     say("RESULT", "blackout_seconds", metric("nbdcsi_node_io_blackout_seconds_sum", volume=a["id"]))
     step("storage-restarted")
     check(not stats(plugin, a, "/run/pods/a/disk").volume_condition.abnormal, "still abnormal")
-    rc = fio.wait(spec["fio_seconds"] + 120)
-    say("RESULT", "fio_rc", rc)
-    job = json.loads(Path("/run/fio.out").read_text(errors="replace"))["jobs"][0]
+
+    def blackouts() -> float | None:
+        count = metric("nbdcsi_node_io_blackout_seconds_count", volume=a["id"])
+        return count if count and count >= 2 else None
+
+    say("RESULT", "blackouts", poll("a blackout per restart in the metrics", blackouts, 60, 0.2))
+    # fio lives through the restarts: the device completes more of its I/O after the last one.
+    after_restarts = completed_ios(dev)
+    poll("fio's I/O after the restarts", lambda: completed_ios(dev) > after_restarts, 120, 0.2)
+    say("RESULT", "ios_after_restarts", completed_ios(dev) - after_restarts)
+    check(fio.poll() is None, f"fio ended on its own (exit {fio.poll()}) before it was stopped")
+    fio.send_signal(signal.SIGINT)  # the events are over: fio finishes its I/O and reports
+    rc = fio.wait(120)
+    text = Path("/run/fio.out").read_text(errors="replace")
+    # fio stopped by a signal exits 128 and notes it before its JSON report.
+    stopped = rc == 128 and "terminating on signal 2" in text[: text.find("{")]
+    say("RESULT", "fio_end", "stopped-by-test" if stopped else f"exit-{rc}")
+    job = json.loads(text[text.index("{") :])["jobs"][0]
     say("RESULT", "fio_errors", job["error"])
     say("RESULT", "fio_ios", job["read"]["total_ios"] + job["write"]["total_ios"])
     # The longest a single I/O of the VM waited: the blackout as the VM sees it.

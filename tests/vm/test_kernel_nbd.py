@@ -120,9 +120,11 @@ wait $w1 || {{ echo "writer on CPU 1 failed"; exit 1; }}
 {GUEST_HELPERS}
 detach() {{
     nbd-client -d $DEV
-    # The device is free for the next attach once the kernel drops its pid.
+    # The device is free for the next attach once the kernel drops its pid (bounded at 60 s,
+    # for a stuck device only: the next step needs the device free, so not free is a failure).
     n=0
-    while [ -e /sys/block/nbd0/pid ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    while [ -e /sys/block/nbd0/pid ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+    [ ! -e /sys/block/nbd0/pid ] || {{ echo "nbd0 still attached after nbd-client -d"; exit 1; }}
 }}
 runs() {{
     for q in $(seq 0 {connections - 1}); do

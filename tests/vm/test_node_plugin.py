@@ -7,8 +7,9 @@ data written in the VM and read back on the host with an independent NBD client,
 mounted, grown online after the storage node grew the volume, staged again with its data; fio
 on the raw device while the plugin is killed and restarted (it takes the device back) and then
 while the storage node is restarted, once gracefully (SIGTERM) and once by a crash (SIGKILL)
-(each time the plugin reconnects the same device and fio sees no I/O error; the blackout is
-measured from the plugin's metrics and printed); 200 stage /
+(each time the plugin reconnects the same device and fio sees no I/O error; fio runs until
+the guest stops it after both restarts, never for a fixed time; the blackout is measured from
+the plugin's metrics and printed, not asserted on); 200 stage /
 unstage cycles that leave no configured or extra /dev/nbdX behind.
 
 The guest drives the plugin through tests/vm/node_plugin_guest.py and asks the host for what
@@ -126,7 +127,6 @@ def test_node_plugin_on_kernel_nbd(
         "seed": SEED,
         "io_timeout": IO_TIMEOUT,
         "nbd_port": GUEST_NBD_PORT,
-        "fio_seconds": 25,
     }
     script = (
         f"cd {shlex.quote(str(REPO))}\n"
@@ -199,10 +199,13 @@ def test_node_plugin_on_kernel_nbd(
     assert got["block_connections"] == "2", "multi-conn: two connections per device"
     assert int(got["expanded_bytes"]) >= FS_GROWN
     assert float(got["reconnects"]) >= 2, "one reconnect per storage node restart"
-    assert float(got["blackout_seconds"]) > 0
-    assert got["fio_rc"] == "0" and got["fio_errors"] == "0", result.explain(120)
+    assert float(got["blackouts"]) >= 2, "each restart is one blackout in the plugin's metrics"
+    # fio ran through both restarts until the guest stopped it, and none of its I/O failed
+    # (an I/O the kernel had given up on, past the dead timeout, would be an I/O error).
+    assert got["fio_end"] == "stopped-by-test", result.explain(120)
+    assert got["fio_errors"] == "0", result.explain(120)
+    assert int(got["ios_after_restarts"]) > 0
     assert int(got["fio_ios"]) > 0
-    assert float(got["fio_longest_io_seconds"]) < 90, "an I/O waited past the dead timeout"
     assert "I/O error" not in result.output, result.explain(120)
     assert got["configured_after_unstage"] == "0"
     assert got["cycles"] == str(CYCLES)
