@@ -300,3 +300,48 @@ def test_reconnect_after_revocation_backs_off(
     messages = asyncio.run(scenario())
     assert "next try in 1.00s" in messages[0] and "next try in 2.00s" in messages[1], messages
     assert att.export_name not in " ".join(messages)
+
+
+def test_no_credential_in_the_logs_or_errors_of_either_side(
+    tmp_path: Path, storage_node: ApiNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: after accepted, refused and revoked handshakes, neither the plugin's log (every
+    csi.* logger at DEBUG), nor its errors and health messages, nor the storage node's log hold
+    the credential part of an export name (docs/security.md)."""
+    api = storage_node.api
+    volume = api.wait_volume(api.create_volume("no-secret-in-logs", 4 << 20).id)
+    att = api.publish(volume.id, "worker-1", "127.0.0.1")
+    credential = att.export_name.rpartition(".")[2]
+    assert len(credential) >= 16, att.export_name
+    wrong = Target(att.nbd_host, att.nbd_port, att.export_name[:-4] + "AAAA")
+    caplog.set_level(logging.DEBUG, logger="csi")
+    texts: list[str] = []
+
+    async def scenario() -> None:
+        kernel, _ = attacher(tmp_path, dial_timeout=WAIT)
+        try:
+            with pytest.raises(Exception) as refused:  # any error: its text is checked below
+                await kernel.attach("refused", wrong)
+            texts.append(str(refused.value))
+            device = await kernel.attach(
+                "accepted", Target(att.nbd_host, att.nbd_port, att.export_name)
+            )
+            api.unpublish(volume.id, "worker-1")  # revoked while staged
+            kernel._link_dead(device.index)
+            for _ in range(int(WAIT * 10)):
+                if not kernel.health("accepted").ok and any(
+                    "reconnect failed" in r.getMessage() for r in caplog.records
+                ):
+                    break
+                await asyncio.sleep(0.1)
+            texts.append(kernel.health("accepted").message)
+        finally:
+            await kernel.close()
+
+    asyncio.run(scenario())
+    texts += [r.getMessage() for r in caplog.records]
+    assert any("reconnect failed" in t for t in texts), texts  # the revoked path was taken
+    plugin_side = "\n".join(texts)
+    assert credential not in plugin_side
+    assert wrong.export.rpartition(".")[2] not in plugin_side
+    assert credential not in storage_node.log_text()
