@@ -184,24 +184,30 @@ class Mounter:
         found = [e for e in await self.entries() if e.mount_point == real]
         return found[-1] if found else None
 
+    def _uses(self, device: str) -> list[tuple[str, MountEntry]]:
+        """Mount entries of `device`: ("mounted at", e) for its filesystem, ("bound onto", e)
+        for a bind mount of its device node (devtmpfs, root /NAME)."""
+        try:
+            rdev = os.stat(device).st_rdev
+        except FileNotFoundError:
+            return []
+        number = f"{os.major(rdev)}:{os.minor(rdev)}"
+        name = os.path.basename(device)
+        uses = []
+        for e in self._entries():
+            if e.major_minor == number:
+                uses.append(("mounted at", e))
+            elif e.fs_type == "devtmpfs" and e.root == f"/{name}":
+                uses.append(("bound onto", e))
+        return uses
+
     async def holders(self, device: str) -> list[str]:
         """Where `device` is in use: filesystem mounts of it, bind mounts of its device node,
         and kernel holders (device-mapper, md). Empty when nothing holds it."""
 
         def scan() -> list[str]:
-            try:
-                rdev = os.stat(device).st_rdev
-            except FileNotFoundError:
-                return []
-            number = f"{os.major(rdev)}:{os.minor(rdev)}"
-            name = os.path.basename(device)
-            found = []
-            for e in self._entries():
-                if e.major_minor == number:
-                    found.append(f"mounted at {e.mount_point}")
-                elif e.fs_type == "devtmpfs" and e.root == f"/{name}":
-                    found.append(f"bound onto {e.mount_point}")
-            holders = Path("/sys/class/block") / name / "holders"
+            found = [f"{how} {e.mount_point}" for how, e in self._uses(device)]
+            holders = Path("/sys/class/block") / os.path.basename(device) / "holders"
             if holders.is_dir():
                 found += [f"held by {h.name}" for h in holders.iterdir()]
             return found
@@ -210,21 +216,7 @@ class Mounter:
 
     async def mount_points(self, device: str) -> list[str]:
         """Where `device` is mounted (its filesystem) or bound (its device node)."""
-
-        def scan() -> list[str]:
-            try:
-                rdev = os.stat(device).st_rdev
-            except FileNotFoundError:
-                return []
-            number = f"{os.major(rdev)}:{os.minor(rdev)}"
-            name = os.path.basename(device)
-            return [
-                e.mount_point
-                for e in self._entries()
-                if e.major_minor == number or (e.fs_type == "devtmpfs" and e.root == f"/{name}")
-            ]
-
-        return await self._thread(scan)
+        return await self._thread(lambda: [e.mount_point for _, e in self._uses(device)])
 
     async def probe(self, device: str) -> tuple[str, str] | None:
         """What blkid finds on the device, low-level probe (no cache): ("TYPE", value) for a
