@@ -310,6 +310,7 @@ class Site:
     image: Path
     size: int
     volumes: dict[str, str] = field(default_factory=dict)  # server -> volume id
+    exports: dict[str, str] = field(default_factory=dict)  # server -> export name, redacted
     volume_error: str = ""  # why the volumes could not be prepared
 
     @property
@@ -531,6 +532,7 @@ def prepare_volumes(site: Site, servers: Sequence[str]) -> None:
             attachment = api.publish(volume.id, CLIENT_NODE, CLIENT_ADDRESS)
             fill_through_nbd(site.image, attachment.uri, site.size)
             site.volumes[server] = volume.id
+            site.exports[server] = redact_export(attachment.export_name)
         # The Stats wrapper must have counted every byte of the fills (proof metrics are on).
         url = f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -1049,7 +1051,10 @@ def run_location(
         print(f"  volumes: FAILED: {exc}", file=sys.stderr, flush=True)
     else:
         for server, vid in site.volumes.items():
-            print(f"  volume for {server}: {vid}, filled and published", flush=True)
+            print(
+                f"  volume for {server}: {vid}, filled, published as export {site.exports[server]}",
+                flush=True,
+            )
     results: list[Result] = []
     for rep in range(args.repeat):
         for i, row in enumerate(rows):
