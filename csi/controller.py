@@ -71,10 +71,9 @@ PV_NAME = "csi.storage.k8s.io/pv/name"
 IOPS = "iops"
 BANDWIDTH = "bandwidth"
 QOS_PARAMETERS = (IOPS, BANDWIDTH)
-# Bounds of a QoS value: its text (a quantity like "1.5Gi" needs few characters; millions of
-# digits made decimal arithmetic overflow) and its number (the storage node's signed 64 bits).
-MAX_QUANTITY_CHARS = 32
-MAX_QOS = (1 << 63) - 1
+# Bound of a QoS value's text: a quantity like "1.5Gi" needs few characters (millions of digits
+# made decimal arithmetic overflow); parse_quantity bounds the number to int64.
+QOS_QUANTITY_CHARS = 32
 # Keys the CO adds on its own (csi-provisioner: secrets references, fstype, extra metadata).
 CO_PREFIX = "csi.storage.k8s.io/"
 
@@ -241,19 +240,17 @@ def qos_parameters(parameters: dict[str, str], base: sn.Qos | None = None) -> sn
 
 
 def qos_quantity(value: str, key: str) -> int:
-    """A QoS parameter: a quantity in ASCII digits, at most MAX_QUANTITY_CHARS long and at most
-    MAX_QOS (what the storage node stores), else INVALID_ARGUMENT naming the key."""
-    if len(value) > MAX_QUANTITY_CHARS:
+    """A QoS parameter: a quantity in ASCII digits, at most QOS_QUANTITY_CHARS long and at most
+    2^63-1 (what the storage node stores; parse_quantity checks it), else INVALID_ARGUMENT
+    naming the key."""
+    if len(value) > QOS_QUANTITY_CHARS:
         raise InvalidArgument(
-            f"{key}: a quantity has at most {MAX_QUANTITY_CHARS} characters, got {len(value)}"
+            f"{key}: a quantity has at most {QOS_QUANTITY_CHARS} characters, got {len(value)}"
         )
     try:
-        number = parse_quantity(value, key)
+        return parse_quantity(value, key)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
-    if number > MAX_QOS:
-        raise InvalidArgument(f"{key}: {value!r} is more than the maximum {MAX_QOS}")
-    return number
 
 
 def key_list(keys: list[str]) -> str:

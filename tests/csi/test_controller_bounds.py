@@ -64,7 +64,7 @@ def invalid(pool: Pool, request: pb.CreateVolumeRequest) -> str:
     [
         pytest.param({"iops": "9" * (3 * MB)}, "at most 32 characters", id="iops-3MB-digits"),
         pytest.param({"bandwidth": "1" * 33}, "at most 32 characters", id="bandwidth-33-chars"),
-        pytest.param({"iops": "9" * 20}, "more than the maximum", id="iops-above-int64"),
+        pytest.param({"iops": "9" * 20}, "larger than", id="iops-above-int64"),
         pytest.param({"iops": "\u0661\u0660\u0660"}, "not a quantity", id="iops-arabic-digits"),
         pytest.param({"iops": "\uff11\uff10"}, "not a quantity", id="iops-fullwidth-digits"),
         pytest.param({"k" * (3 * MB): "1"}, "unknown parameters", id="unknown-3MB-key"),
