@@ -210,7 +210,10 @@ class KernelScenario(Steps):
             a, b = self.nodes["node-a"], self.nodes["node-b"]
             for kn in (a, b):
                 info = kn.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=60)
-                check(info.node_id == kn.node_id, f"NodeGetInfo: {info.node_id}")
+                # NAME@ADDRESS, then the node's attach limit (docs/csi-driver.md, node ids).
+                want = f"{kn.name}@{kn.address};"
+                check(info.node_id.startswith(want), f"NodeGetInfo: {info.node_id}")
+                kn.reported_node_id = info.node_id
                 self.log(f"   {kn.name}: NodeGetInfo node_id={info.node_id}")
 
         with self.step("3. CreateVolume, attach to node A (ControllerPublish, Stage, Publish)"):

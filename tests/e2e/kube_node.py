@@ -97,10 +97,13 @@ class KubeNode:
         self.channel: grpc.Channel | None = None
         self.node: Any = None
         self.identity: Any = None
+        # What NodeGetInfo reported: the CO's node id for this node (ControllerPublish and
+        # ControllerUnpublish take it as kubelet put it in the CSINode object).
+        self.reported_node_id = ""
 
     @property
     def node_id(self) -> str:
-        return f"{self.name}@{self.address}"
+        return self.reported_node_id or f"{self.name}@{self.address}"
 
     # -- booting ---------------------------------------------------------------------------
 
