@@ -640,7 +640,9 @@ class Connection(asyncio.BufferedProtocol):
     def _sendfile(self, req: Request, out: Replies) -> bool:
         """Send a large READ from a memory-backed image with os.sendfile, with no copy through
         Python. Only while the transport has nothing queued, so bytes stay in order; if the
-        socket fills up midway, the rest goes through the transport as ordinary data.
+        socket fills up midway, the rest is read from the same descriptor and goes through the
+        transport as ordinary data. The backend is told of the request once, when its bytes
+        are all sent or queued (`sendfile_done`: Stats counts it there, as pread would).
         False when this path cannot be used; the caller then reads the ordinary way."""
         assert self.transport is not None and self.export is not None
         backend = self.export.backend
@@ -657,6 +659,7 @@ class Connection(asyncio.BufferedProtocol):
             header = read_chunk_header(req.cookie, req.offset, req.length)
         else:
             header = simple_reply(req.cookie)
+        start = time.perf_counter_ns()
         try:
             sent = os.write(self._sock_fd, header)
         except BlockingIOError:
@@ -674,12 +677,20 @@ class Connection(asyncio.BufferedProtocol):
                     remaining -= n
         except BlockingIOError:
             pass
+        except OSError as exc:
+            # A failed send or a file read error: part of the reply may be on the wire.
+            backend.sendfile_done(req.length, time.perf_counter_ns() - start, failed=True)
+            self._hard_disconnect(f"read failed after the reply started: {exc}")
+            return True
         try:
             if remaining:
-                out.append(backend.pread(offset, remaining))
+                out.append(_pread_full(file_fd, offset, remaining))
         except OSError as exc:
+            backend.sendfile_done(req.length, time.perf_counter_ns() - start, failed=True)
             # Part of a successful reply is on the wire: only a hard disconnect is left.
             self._hard_disconnect(f"read failed after the reply started: {exc}")
+            return True
+        backend.sendfile_done(req.length, time.perf_counter_ns() - start)
         return True
 
     def _read_reply(self, req: Request, data: bytes) -> Replies:
@@ -960,6 +971,17 @@ class NbdServer:
                     log.error("shutdown: flushing export %s failed: %s", export.display_name, exc)
         for conn in list(self.connections):
             conn.close()
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes of `fd` at `offset`; past the end of the file reads as zeros."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # short reads only happen on signals or odd filesystems
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            return data + bytes(length - len(data))
+        data += more
+    return data
 
 
 def _malloc_trim() -> None:
