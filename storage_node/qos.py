@@ -229,9 +229,15 @@ class VolumeQos:
         default_factory=lambda: [Allowance(), Allowance()], repr=False
     )
 
-    @property
-    def limited(self) -> bool:
-        return self.buckets is not None and any(
+    # Whether any limit applies: read per request, so kept up to date by the setters rather
+    # than computed each time.
+    limited: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._update_limited()
+
+    def _update_limited(self) -> None:
+        self.limited = self.buckets is not None and any(
             lim is not None and lim.active for lim in (self.volume, self.tenant_limit)
         )
 
@@ -280,11 +286,13 @@ class VolumeQos:
     def set_volume_limit(self, limit: Limit | None) -> None:
         if limit != self.volume:
             self.volume = limit
+            self._update_limited()
             self._recharge(0, limit)
 
     def set_tenant_limit(self, limit: Limit | None) -> None:
         if limit != self.tenant_limit:
             self.tenant_limit = limit
+            self._update_limited()
             self._recharge(1, limit)
 
     def _recharge(self, which: int, limit: Limit | None) -> None:

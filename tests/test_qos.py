@@ -522,3 +522,18 @@ def test_chunks_of_two_processes_stay_within_the_limit(tmp_path: Path) -> None:
     assert max(waits) > 0.3  # 400 requests at 1000 IOPS: the last ones wait for the rate
     first.close()
     second.close()
+
+
+def test_limited_follows_the_limits(buckets: SharedBuckets) -> None:
+    """`limited` (read per request by the server) follows every change of either limit."""
+    qos = VolumeQos("t", buckets, None, None)
+    assert not qos.limited
+    qos.set_tenant_limit(Limit(slot=6, iops=10, generation=1))
+    assert qos.limited
+    qos.set_tenant_limit(Limit(slot=6, generation=2))  # no rate: no limit
+    assert not qos.limited
+    qos.set_volume_limit(Limit(slot=7, bps=MiB, generation=3))
+    assert qos.limited
+    qos.set_volume_limit(None)
+    assert not qos.limited
+    assert VolumeQos("t", None, Limit(slot=7, iops=5, generation=4)).limited is False

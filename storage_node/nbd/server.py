@@ -99,6 +99,8 @@ TRIM_DELAY = 1.0
 
 Replies = list[bytes | memoryview]
 _U16 = struct.Struct(">H")  # the command type, at offset 6 of a request
+# Command flags as plain ints: testing an IntFlag member costs three Python calls per request.
+_FUA, _NO_HOLE, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 
 
 @dataclass(slots=True)
@@ -597,7 +599,7 @@ class Connection(asyncio.BufferedProtocol):
         """Run one valid request against the backend and build its reply. Any thread."""
         assert self.export is not None and self.session is not None
         backend = self.export.backend
-        fua = bool(req.flags & CmdFlag.FUA)
+        fua = bool(req.flags & _FUA)
         try:
             typ = req.type
             if typ == READ:
@@ -613,8 +615,8 @@ class Connection(asyncio.BufferedProtocol):
                 backend.zero(
                     req.offset,
                     req.length,
-                    may_trim=not req.flags & CmdFlag.NO_HOLE,
-                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                    may_trim=not req.flags & _NO_HOLE,
+                    fast=bool(req.flags & _FAST_ZERO),
                     fua=fua,
                 )
             elif typ == CACHE:
