@@ -6,7 +6,11 @@ token bucket written as one timestamp): one for operations, one for bytes. Admit
 reserves its cost in every bucket that applies; if it must wait, it gets a `Hold` (a timer,
 not a busy loop) that runs it when every bucket lets it go. A slot is updated under a
 byte-range lock on that slot, so limits hold across worker processes; volumes without limits
-never touch it.
+never touch it. A process does not lock the slot per request: it takes CHUNK_SECONDS of the
+rate at a time (at least the request's cost) and admits locally until that is used
+(`Allowance`); a chunk belongs to the limit it was taken under and is dropped when the limit
+changes. Every request admitted was reserved in the shared bucket, so limits stay exact
+across processes over a second (a process may be one chunk, 5 ms of the rate, ahead).
 
 Every limit the main process hands out carries a generation (storage_node.dataplane numbers
 them): a slot remembers the generation it was last charged under, and the first request under
@@ -48,6 +52,10 @@ SLOT = struct.Struct("=ddQ")  # theoretical arrival times (operations, bytes), g
 SLOTS = 65536
 BURST_SECONDS = 0.05
 MIN_WAIT = 1e-6  # shorter waits are float rounding of the sums above, not a limit: none
+# A process takes budget from a shared bucket this many seconds of the rate at a time (at
+# least one request's cost) and admits locally until it is used: one lock per chunk, not per
+# request. Low rates (under 1 / CHUNK_SECONDS per second) take one request at a time.
+CHUNK_SECONDS = 0.005
 # The activity board, after the slots: per NBD process, when it last wrote and which tenants
 # (64-bit hashes) it saw recently. Each process writes only its own entry, so no lock.
 BOARD_TENANTS = 8
@@ -190,6 +198,19 @@ class Hold:
         self._run()
 
 
+class Allowance:
+    """Budget one process took from one shared bucket and has not used yet: operations,
+    bytes, and from when it may be used (the wait the bucket gave when it was taken). Belongs
+    to one limit (generation): dropped when the limit changes."""
+
+    __slots__ = ("nbytes", "ops", "ready")
+
+    def __init__(self) -> None:
+        self.ops = 0
+        self.nbytes = 0
+        self.ready = 0.0
+
+
 @dataclass
 class VolumeQos:
     """The limits that apply to one volume: its own and its tenant's. Shared by every export
@@ -203,10 +224,20 @@ class VolumeQos:
     tenant_limit: Limit | None = None
     on_throttle: Callable[[float], None] | None = None  # told of every time held (metrics)
     _holds: dict[Hold, None] = field(default_factory=dict, repr=False)  # in arrival order
+    # What this process took from the volume's and the tenant's bucket and has not used yet.
+    _allowances: list[Allowance] = field(
+        default_factory=lambda: [Allowance(), Allowance()], repr=False
+    )
 
-    @property
-    def limited(self) -> bool:
-        return self.buckets is not None and any(
+    # Whether any limit applies: read per request, so kept up to date by the setters rather
+    # than computed each time.
+    limited: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._update_limited()
+
+    def _update_limited(self) -> None:
+        self.limited = self.buckets is not None and any(
             lim is not None and lim.active for lim in (self.volume, self.tenant_limit)
         )
 
@@ -216,8 +247,36 @@ class VolumeQos:
             return None
         nbytes = length if typ in (READ, WRITE) else 0
         now = time.monotonic()
-        waits = [self._reserve(lim, now, nbytes) for lim in (self.volume, self.tenant_limit)]
-        return Hold(self, nbytes, now, waits) if max(waits) > 0 else None
+        volume_wait = self._take(0, self.volume, now, nbytes)
+        tenant_wait = self._take(1, self.tenant_limit, now, nbytes)
+        if volume_wait or tenant_wait:
+            return Hold(self, nbytes, now, [volume_wait, tenant_wait])
+        return None
+
+    def _take(self, which: int, lim: Limit | None, now: float, nbytes: int) -> float:
+        """Admit one request's cost from this process's allowance for one bucket, taking a
+        new chunk from the shared bucket when it is short; the seconds to wait (0: go)."""
+        if lim is None or not lim.active or self.buckets is None:
+            return 0.0
+        have = self._allowances[which]
+        take_ops = max(1, int(lim.iops * CHUNK_SECONDS)) if lim.iops and have.ops < 1 else 0
+        take_bytes = 0
+        if lim.bps and nbytes > have.nbytes:
+            take_bytes = max(int(lim.bps * CHUNK_SECONDS), nbytes - have.nbytes)
+        if take_ops or take_bytes:
+            wait = self.buckets.reserve(
+                lim.slot, lim.generation, now, lim.iops, take_ops, lim.bps, take_bytes
+            )
+            have.ops += take_ops
+            have.nbytes += take_bytes
+            if wait:
+                have.ready = max(have.ready, now + wait)
+        if lim.iops:
+            have.ops -= 1
+        if lim.bps:
+            have.nbytes -= nbytes
+        wait = have.ready - now
+        return wait if wait >= MIN_WAIT else 0.0
 
     def _reserve(self, lim: Limit | None, now: float, nbytes: int) -> float:
         if lim is None or not lim.active or self.buckets is None:
@@ -227,17 +286,20 @@ class VolumeQos:
     def set_volume_limit(self, limit: Limit | None) -> None:
         if limit != self.volume:
             self.volume = limit
+            self._update_limited()
             self._recharge(0, limit)
 
     def set_tenant_limit(self, limit: Limit | None) -> None:
         if limit != self.tenant_limit:
             self.tenant_limit = limit
+            self._update_limited()
             self._recharge(1, limit)
 
     def _recharge(self, which: int, limit: Limit | None) -> None:
         """A limit changed: the waiting requests' debt in its bucket is gone. Each is charged
         under the new limit instead, in arrival order (its wait for the other bucket stays),
         and goes when both let it."""
+        self._allowances[which] = Allowance()  # taken under the old limit: gone with it
         now = time.monotonic()
         for hold in list(self._holds):
             hold.deadlines[which] = now + self._reserve(limit, now, hold.nbytes)

@@ -13,15 +13,19 @@ Three layers, each against real parts:
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,6 +38,7 @@ from storage_node.backend.filters import (
     BYTES,
     ERRORS,
     FIRST_BUCKET,
+    LATENCY_NS,
     OPS,
     ROW,
     SNAPSHOT_LEN,
@@ -42,6 +47,7 @@ from storage_node.backend.filters import (
     Filter,
     Stats,
 )
+from storage_node.exports import Export, ExportRegistry
 from storage_node.files import create_sparse
 from storage_node.metrics import (
     DATAGRAM_LIMIT,
@@ -53,6 +59,7 @@ from storage_node.metrics import (
     StatsReporter,
     VolumeInfo,
 )
+from storage_node.nbd.server import NbdServer
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import ApiNode, poll, start_api_node
 from tests.support.prometheus import Prometheus
@@ -146,9 +153,73 @@ def test_try_pread_counts_only_reads_it_served(image: Path) -> None:
     assert (row[STARTED], finished(row), row[BYTES]) == (expected, expected, 4096 * expected)
 
 
-def test_stats_never_offers_sendfile(image: Path) -> None:
-    # Bytes sent with sendfile would bypass the counters.
-    assert Stats(FileBackend(str(image))).sendfile_fd() is None
+def test_stats_counts_reads_sent_with_sendfile(image: Path) -> None:
+    backend = FileBackend(str(image))
+    stats = Stats(backend)
+    assert stats.sendfile_fd() == backend.sendfile_fd()
+    stats.sendfile_done(MiB, 2_000_000)
+    stats.sendfile_done(MiB, 3_000_000, failed=True)
+    row = op_row(stats.snapshot(), "read")
+    assert (row[STARTED], finished(row), row[BYTES], row[ERRORS]) == (2, 2, MiB, 1)
+    assert row[LATENCY_NS] == 5_000_000
+    stats.close()
+
+
+class Unreadable(Filter):
+    """Reads through pread fail: a READ that succeeds went out with sendfile."""
+
+    def try_pread(self, offset: int, length: int) -> bytes | None:
+        raise OSError(errno.EIO, "read through pread")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise OSError(errno.EIO, "read through pread")
+
+
+@pytest.fixture
+def memory_image() -> Iterator[Path]:
+    """An image on tmpfs: the server's sendfile path is for memory-backed images only."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        path = folder / "vol.img"
+        path.write_bytes(os.urandom(4 * MiB))
+        if not FileBackend(str(path)).inline_safe:
+            pytest.skip("/dev/shm is not a memory filesystem here")
+        yield path
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_large_reads_through_stats_use_sendfile_and_are_counted(memory_image: Path) -> None:
+    stats = Stats(Unreadable(FileBackend(str(memory_image))))
+    registry = ExportRegistry()
+    registry.add(Export(name="vol", backend=stats))
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(2)
+    server = NbdServer(registry, executor)
+    listener = loop.run_until_complete(loop.create_server(server.protocol, "127.0.0.1", 0))
+    port = listener.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    expected = memory_image.read_bytes()
+    try:
+        client = RawClient(port).connect("vol")
+        for i in range(4):
+            reply = client.call(NBD_READ, cookie=i, offset=i * MiB, length=MiB)
+            assert (reply.error, reply.data == expected[i * MiB : (i + 1) * MiB]) == (0, True)
+        small = client.call(NBD_READ, cookie=9, offset=0, length=4096)  # not sendfile: pread
+        assert small.error != 0
+        client.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        listener.close()
+        loop.close()
+        executor.shutdown()
+    row = op_row(stats.snapshot(), "read")
+    assert (row[STARTED], finished(row), row[BYTES], row[ERRORS]) == (5, 5, 4 * MiB, 1)
 
 
 class Gate(Filter):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage_node.qos import BURST_SECONDS, Limit, SharedBuckets, VolumeQos
+from storage_node.qos import BURST_SECONDS, SLOT, Limit, SharedBuckets, VolumeQos
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import ApiNode, api_node, poll
 from tests.support.rawnbd import RawClient
@@ -464,3 +464,76 @@ def test_a_wait_that_runs_out_runs_its_request(buckets: SharedBuckets) -> None:
 
     asyncio.run(main())
     assert len(heard) == 1 and heard[0] > 0
+
+
+class CountingBuckets(SharedBuckets):
+    """The real slots file; counts the round trips to it (each one a lock and an unlock)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, create=True)
+        self.calls = 0
+
+    def reserve(
+        self,
+        slot: int,
+        generation: int,
+        now: float,
+        ops_rate: int,
+        ops: int,
+        byte_rate: int,
+        nbytes: int,
+    ) -> float:
+        self.calls += 1
+        return super().reserve(slot, generation, now, ops_rate, ops, byte_rate, nbytes)
+
+
+def test_admission_takes_budget_in_chunks(tmp_path: Path) -> None:
+    """Far under its limit, a volume's requests are admitted from budget taken a chunk at a
+    time: one round trip to the shared slot for a thousand requests, not one each. A changed
+    limit drops what is left: the next request takes a chunk under the new generation."""
+    buckets = CountingBuckets(tmp_path / "qos.shm")
+    qos = VolumeQos("t", buckets, Limit(slot=3, iops=10_000_000, bps=100 * 10**9, generation=1))
+    assert all(qos.admit(READ, 4096) is None for _ in range(1000))
+    assert buckets.calls == 1
+    qos.set_volume_limit(Limit(slot=3, iops=10_000_000, bps=100 * 10**9, generation=2))
+    assert qos.admit(READ, 4096) is None
+    assert buckets.calls == 2
+    assert SLOT.unpack_from(buckets.map, 3 * SLOT.size)[2] == 2
+    # No limit: the slots file is not touched at all.
+    free = VolumeQos("t", buckets, None, None)
+    assert all(free.admit(READ, 4096) is None for _ in range(100))
+    assert buckets.calls == 2
+    buckets.close()
+
+
+def test_chunks_of_two_processes_stay_within_the_limit(tmp_path: Path) -> None:
+    """Two processes' views of one volume at 1000 IOPS (chunks of 5): of 400 requests at
+    once, only the burst (50 ms of the rate, plus one) and at most a chunk per process, plus
+    what the rate adds while the loop runs, pass without waiting; the rest wait in order."""
+    path = tmp_path / "qos.shm"
+    first = SharedBuckets(path, create=True)
+    second = SharedBuckets(path)
+    limit = Limit(slot=4, iops=1000, generation=1)
+    views = [VolumeQos("t", first, limit), VolumeQos("t", second, limit)]
+    holds = [views[i % 2].admit(READ, 4096) for i in range(400)]
+    passed = sum(h is None for h in holds)
+    assert 40 <= passed <= 51 + 2 * 5 + 20
+    waits = [h.wait for h in holds if h is not None]
+    assert max(waits) > 0.3  # 400 requests at 1000 IOPS: the last ones wait for the rate
+    first.close()
+    second.close()
+
+
+def test_limited_follows_the_limits(buckets: SharedBuckets) -> None:
+    """`limited` (read per request by the server) follows every change of either limit."""
+    qos = VolumeQos("t", buckets, None, None)
+    assert not qos.limited
+    qos.set_tenant_limit(Limit(slot=6, iops=10, generation=1))
+    assert qos.limited
+    qos.set_tenant_limit(Limit(slot=6, generation=2))  # no rate: no limit
+    assert not qos.limited
+    qos.set_volume_limit(Limit(slot=7, bps=MiB, generation=3))
+    assert qos.limited
+    qos.set_volume_limit(None)
+    assert not qos.limited
+    assert VolumeQos("t", None, Limit(slot=7, iops=5, generation=4)).limited is False

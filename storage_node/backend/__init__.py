@@ -36,7 +36,14 @@ class Backend(Protocol):
     def pread(self, offset: int, length: int) -> bytes: ...
     def sendfile_fd(self) -> int | None:
         """A file descriptor whose bytes at export offsets may go out with os.sendfile, or
-        None when reads must go through pread (a filter that changes data, say)."""
+        None when reads must go through pread (a filter that changes data, say). The caller
+        may also read that descriptor directly (the rest of a reply the socket did not take),
+        and then reports the request with `sendfile_done`."""
+        ...
+
+    def sendfile_done(self, nbytes: int, elapsed_ns: int, failed: bool = False) -> None:
+        """One READ of `nbytes` was served from `sendfile_fd()` in `elapsed_ns` (or failed
+        midway): for the layers that count requests; nothing to do for a plain backend."""
         ...
 
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None: ...

@@ -161,6 +161,9 @@ class FileBackend:
     def sendfile_fd(self) -> int | None:
         return self._fd
 
+    def sendfile_done(self, nbytes: int, elapsed_ns: int, failed: bool = False) -> None:
+        pass
+
     # -- live copies -------------------------------------------------------------------------
 
     def track(self, name: str, path: str, chunk: int, chunks: int, half: int = 0) -> None:

@@ -44,6 +44,9 @@ class Filter:
     def sendfile_fd(self) -> int | None:
         return self.inner.sendfile_fd()
 
+    def sendfile_done(self, nbytes: int, elapsed_ns: int, failed: bool = False) -> None:
+        self.inner.sendfile_done(nbytes, elapsed_ns, failed)
+
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
         self.inner.pwrite(data, offset, fua)
 
@@ -162,10 +165,20 @@ class Stats(Filter):
 
     # -- the backend's operations, counted ---------------------------------------------------
 
-    def sendfile_fd(self) -> int | None:
-        # Bytes sent with os.sendfile would bypass pread and so the counters: reads go through
-        # pread. (The server uses sendfile only for memory-backed images.)
-        return None
+    # Stats leaves the data alone, so large reads of a memory-backed image may go out with
+    # os.sendfile (sendfile_fd passes through); the server reports each such READ with
+    # sendfile_done, which counts it as pread would have.
+
+    def sendfile_done(self, nbytes: int, elapsed_ns: int, failed: bool = False) -> None:
+        row = (self._shards.get(get_ident()) or self._new_shard())[READ]
+        row[STARTED] += 1
+        if failed:
+            row[ERRORS] += 1
+        else:
+            row[BYTES] += nbytes
+        row[LATENCY_NS] += elapsed_ns
+        row[FIRST_BUCKET + bisect_left(_BOUNDS_NS, elapsed_ns)] += 1
+        self.inner.sendfile_done(nbytes, elapsed_ns, failed)
 
     def try_pread(self, offset: int, length: int) -> bytes | None:
         row = (self._shards.get(get_ident()) or self._new_shard())[READ]

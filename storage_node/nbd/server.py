@@ -99,6 +99,8 @@ TRIM_DELAY = 1.0
 
 Replies = list[bytes | memoryview]
 _U16 = struct.Struct(">H")  # the command type, at offset 6 of a request
+# Command flags as plain ints: testing an IntFlag member costs three Python calls per request.
+_FUA, _NO_HOLE, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 
 
 @dataclass(slots=True)
@@ -597,7 +599,7 @@ class Connection(asyncio.BufferedProtocol):
         """Run one valid request against the backend and build its reply. Any thread."""
         assert self.export is not None and self.session is not None
         backend = self.export.backend
-        fua = bool(req.flags & CmdFlag.FUA)
+        fua = bool(req.flags & _FUA)
         try:
             typ = req.type
             if typ == READ:
@@ -613,8 +615,8 @@ class Connection(asyncio.BufferedProtocol):
                 backend.zero(
                     req.offset,
                     req.length,
-                    may_trim=not req.flags & CmdFlag.NO_HOLE,
-                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                    may_trim=not req.flags & _NO_HOLE,
+                    fast=bool(req.flags & _FAST_ZERO),
                     fua=fua,
                 )
             elif typ == CACHE:
@@ -640,7 +642,9 @@ class Connection(asyncio.BufferedProtocol):
     def _sendfile(self, req: Request, out: Replies) -> bool:
         """Send a large READ from a memory-backed image with os.sendfile, with no copy through
         Python. Only while the transport has nothing queued, so bytes stay in order; if the
-        socket fills up midway, the rest goes through the transport as ordinary data.
+        socket fills up midway, the rest is read from the same descriptor and goes through the
+        transport as ordinary data. The backend is told of the request once, when its bytes
+        are all sent or queued (`sendfile_done`: Stats counts it there, as pread would).
         False when this path cannot be used; the caller then reads the ordinary way."""
         assert self.transport is not None and self.export is not None
         backend = self.export.backend
@@ -657,6 +661,7 @@ class Connection(asyncio.BufferedProtocol):
             header = read_chunk_header(req.cookie, req.offset, req.length)
         else:
             header = simple_reply(req.cookie)
+        start = time.perf_counter_ns()
         try:
             sent = os.write(self._sock_fd, header)
         except BlockingIOError:
@@ -674,12 +679,20 @@ class Connection(asyncio.BufferedProtocol):
                     remaining -= n
         except BlockingIOError:
             pass
+        except OSError as exc:
+            # A failed send or a file read error: part of the reply may be on the wire.
+            backend.sendfile_done(req.length, time.perf_counter_ns() - start, failed=True)
+            self._hard_disconnect(f"read failed after the reply started: {exc}")
+            return True
         try:
             if remaining:
-                out.append(backend.pread(offset, remaining))
+                out.append(_pread_full(file_fd, offset, remaining))
         except OSError as exc:
+            backend.sendfile_done(req.length, time.perf_counter_ns() - start, failed=True)
             # Part of a successful reply is on the wire: only a hard disconnect is left.
             self._hard_disconnect(f"read failed after the reply started: {exc}")
+            return True
+        backend.sendfile_done(req.length, time.perf_counter_ns() - start)
         return True
 
     def _read_reply(self, req: Request, data: bytes) -> Replies:
@@ -960,6 +973,17 @@ class NbdServer:
                     log.error("shutdown: flushing export %s failed: %s", export.display_name, exc)
         for conn in list(self.connections):
             conn.close()
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes of `fd` at `offset`; past the end of the file reads as zeros."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # short reads only happen on signals or odd filesystems
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            return data + bytes(length - len(data))
+        data += more
+    return data
 
 
 def _malloc_trim() -> None:
