@@ -147,14 +147,6 @@ def sparse_copy(src: Path, dst: Path) -> None:
         os.fsync(d.fileno())
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Dirty-map granularity: a block (4 KiB, what a guest writes most) for volumes up to 16 GiB,
 # coarser above, so a map half never exceeds 4 Mi chunks (4 MiB).
 MIN_MAP_CHUNK = 4096

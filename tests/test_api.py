@@ -26,6 +26,7 @@ import pytest
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.nbd.wire import go_data
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.qemu_io import qemu_io
 from tests.support.rawnbd import RawClient
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -52,16 +53,6 @@ def expect(code: grpc.StatusCode, call: Callable[[], object]) -> str:
     details = err.details() or ""
     assert details and "internal error" not in details
     return details
-
-
-def qemu_io(uri: str, *commands: str, fmt: str = "raw", read_only: bool = False) -> str:
-    argv = ["qemu-io", "-f", fmt, *(["-r"] if read_only else [])]
-    for c in commands:
-        argv += ["-c", c]
-    result = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"qemu-io {commands}: {result.stdout}{result.stderr}"
-    assert "failed" not in result.stdout, result.stdout
-    return result.stdout
 
 
 def volume_ids(api: Api, tenant: str) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.qemu_io import qemu_io
 from tests.support.servers import REPO
 
 MiB = 1 << 20
@@ -37,15 +38,6 @@ def expect(code: grpc.StatusCode, call: Callable[[], object]) -> str:
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
-
-
-def qemu_io(target: str, *commands: str, fmt: str = "raw") -> str:
-    argv = ["qemu-io", "-f", fmt]
-    for c in commands:
-        argv += ["-c", c]
-    result = subprocess.run([*argv, target], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "failed" not in result.stdout, result.stdout + result.stderr
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

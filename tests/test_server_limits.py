@@ -22,7 +22,8 @@ from storage_node.exports import Export, normalize_peer
 from tests.clients.targets import debian_python_env
 from tests.nbd.wire import go_data, option
 from tests.support.api import ApiNode, api_node, poll
-from tests.support.rawnbd import RawClient
+from tests.support.qemu_io import qemu_io
+from tests.support.rawnbd import RawClient, closed_by_server
 from tests.support.servers import ServerHandle, free_port, start_storage_node
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -56,16 +57,6 @@ def rss_kib(pids: list[int]) -> int:
 def workers(handle: ServerHandle) -> list[int]:
     """The NBD worker processes (they hold the connections and their buffers)."""
     return _children(handle.proc.pid)
-
-
-def qemu_io(uri: str, *commands: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        argv += ["-c", c]
-    result = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"qemu-io {commands}: {result.stdout}{result.stderr}"
-    assert "failed" not in result.stdout, result.stdout
-    return result.stdout
 
 
 def nbdsh_round_trip(uri: str, offset: int, length: int) -> None:
@@ -102,18 +93,6 @@ def handshake_to(port: int, source: str) -> socket.socket | None:
         sock.close()
         return None
     return sock
-
-
-def closed_by_server(sock: socket.socket, timeout: float) -> bool:
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
 
 
 # ---- credentials ---------------------------------------------------------------------------

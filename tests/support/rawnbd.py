@@ -127,12 +127,18 @@ class RawClient:
 
     def is_closed(self, timeout: float = 30.0) -> bool:
         """True once the server has closed the connection (reads EOF or reset)."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-            return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
+        return closed_by_server(self.sock, timeout)
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True once the server has closed `sock` (reads EOF or reset); False if it is still open
+    after `timeout` seconds (a bound on the wait, not an assertion)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
