@@ -26,6 +26,7 @@ import pytest
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.nbd.wire import go_data
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.filesystems import loop_filesystem, mounted
 from tests.support.qemu_io import qemu_io
 from tests.support.rawnbd import RawClient
 
@@ -1075,25 +1076,6 @@ def test_expand_volume_is_seen_by_a_new_connection(node: ApiNode, api: Api) -> N
 # ---- filesystems: reflink on XFS, a full tmpfs --------------------------------------------
 
 
-@contextlib.contextmanager
-def mounted(mountpoint: Path, *argv: str) -> Iterator[Path]:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a filesystem needs root")
-    result = subprocess.run(["mount", *argv, str(mountpoint)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount ({' '.join(argv)}): {result.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode == 0:
-                break
-            subprocess.run(["sleep", "0.1"], check=False)
-        else:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
 def used_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -1109,12 +1091,8 @@ def shared_extents(path: Path) -> int:
 def test_snapshot_on_xfs_is_a_reflink(tmp_path: Path) -> None:
     if shutil.which("mkfs.xfs") is None:
         pytest.skip("mkfs.xfs is missing (Debian package xfsprogs)")
-    backing = tmp_path / "xfs.img"
-    with open(backing, "wb") as f:
-        f.truncate(512 * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
     with (
-        mounted(tmp_path / "mnt", "-o", "loop", str(backing)) as mnt,
+        loop_filesystem(tmp_path, "xfs", 512 * MiB, "-m", "reflink=1") as mnt,
         api_node(mnt / "node") as n,
     ):
         api = n.api

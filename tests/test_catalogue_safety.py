@@ -29,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.filesystems import loop_filesystem, mounted
 from tests.support.rawnbd import RawClient
 from tests.support.servers import REPO, free_port
-from tests.test_api import mounted
 
 MiB, TiB = 1 << 20, 1 << 40
 WRITE, FLUSH = 1, 3
@@ -323,11 +323,7 @@ def test_a_full_filesystem_is_resource_exhausted_naming_the_node(small_tmpfs: Pa
 
 @pytest.fixture
 def small_ext4(tmp_path: Path) -> Iterator[Path]:
-    backing = tmp_path / "ext4.img"
-    with open(backing, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-b", "4096", str(backing)], check=True)
-    with mounted(tmp_path / "mnt", "-o", "loop", str(backing)) as mnt:
+    with loop_filesystem(tmp_path, "ext4", 64 * MiB, "-b", "4096") as mnt:
         yield mnt
 
 

@@ -13,9 +13,7 @@ stall of each copy is printed, with the node's log line saying how long it held 
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +24,9 @@ import pytest
 
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.support.api import ApiNode, api_node
+from tests.support.filesystems import loop_filesystem
+from tests.support.qemu_io import qemu_io
 from tests.support.rawnbd import RawClient
-from tests.test_api import mounted, qemu_io
 
 pytestmark = pytest.mark.slow
 
@@ -187,23 +186,13 @@ def run_scenario(node: ApiNode, data: Path, copies: bool) -> None:
 
 @pytest.fixture
 def ext4(tmp_path: Path) -> Iterator[Path]:
-    backing = tmp_path / "ext4.img"
-    with open(backing, "wb") as f:
-        f.truncate(1024 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", str(backing)], check=True)
-    with mounted(tmp_path / "mnt", "-o", "loop", str(backing)) as mnt:
+    with loop_filesystem(tmp_path, "ext4", 1024 * MiB) as mnt:
         yield mnt
 
 
 @pytest.fixture
 def xfs(tmp_path: Path) -> Iterator[Path]:
-    if shutil.which("mkfs.xfs") is None:
-        pytest.skip("mkfs.xfs is missing (Debian package xfsprogs)")
-    backing = tmp_path / "xfs.img"
-    with open(backing, "wb") as f:
-        f.truncate(1024 * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True)
-    with mounted(tmp_path / "mnt", "-o", "loop", str(backing)) as mnt:
+    with loop_filesystem(tmp_path, "xfs", 1024 * MiB, "-m", "reflink=1") as mnt:
         yield mnt
 
 
