@@ -70,7 +70,8 @@ LABEL org.opencontainers.image.title="nbd-csi" \
 # qemu-utils: qemu-img for image import (storage node). e2fsprogs, xfsprogs, util-linux,
 # mount: format, grow and mount volumes (node plugin, which attaches devices over netlink by
 # itself; nbd-client stays for checking a device by hand). kmod: modprobe nbd in the chart's
-# init container. python3: Debian's 3.11.
+# init container. cryptsetup-bin: LUKS2 of encrypted volumes (node plugin). python3: Debian's
+# 3.11.
 # Not pinned, as in the build stage: the Debian 12 release of the base decides the versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -84,6 +85,7 @@ RUN apt-get update \
         util-linux \
         mount \
         kmod \
+        cryptsetup-bin \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log
 

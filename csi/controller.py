@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from .errors import (
 )
 from .identity import NODE_TOPOLOGY_KEY
 from .kube import KubeClient, KubeError
+from .luks import CTX_ENCRYPTED
 from .quota import DEFAULT_TENANT, TenantQuotas, human, parse_quantity
 from .storage_nodes import StorageNodeClient, StorageNodes
 from .v1 import csi_pb2 as pb
@@ -71,6 +72,10 @@ PV_NAME = "csi.storage.k8s.io/pv/name"
 IOPS = "iops"
 BANDWIDTH = "bandwidth"
 QOS_PARAMETERS = (IOPS, BANDWIDTH)
+# StorageClass only: LUKS2 on the node (docs/csi-node.md, "Encrypted volumes"). Remembered as
+# the volume's label ENCRYPTED_LABEL and handed to NodeStage in volume_context.
+ENCRYPTED = "encrypted"
+CREATE_PARAMETERS = (*QOS_PARAMETERS, ENCRYPTED)
 # Bound of a QoS value's text: a quantity like "1.5Gi" needs few characters (millions of digits
 # made decimal arithmetic overflow); parse_quantity bounds the number to int64.
 QOS_QUANTITY_CHARS = 32
@@ -80,6 +85,7 @@ CO_PREFIX = "csi.storage.k8s.io/"
 # Storage node volume labels that remember what the CSI volume was created as.
 ACCESS_TYPE = "nbd.csi.dev/access-type"
 MULTI_NODE = "nbd.csi.dev/multi-node"
+ENCRYPTED_LABEL = CTX_ENCRYPTED
 # publish_context and volume_context keys (docs/csi-driver.md).
 CTX_HOST = "nbd.csi.dev/host"
 CTX_PORT = "nbd.csi.dev/port"
@@ -258,6 +264,13 @@ def key_list(keys: list[str]) -> str:
     for the status trailer whatever the request held."""
     shown = [k if len(k) <= 64 else k[:61] + "..." for k in sorted(keys)[:8]]
     return ", ".join(shown) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def encrypted_parameter(parameters: Mapping[str, str]) -> bool:
+    value = parameters.get(ENCRYPTED, "false")
+    if value not in ("true", "false"):
+        raise InvalidArgument(f"parameter {ENCRYPTED} {value[:32]!r} is not true or false")
+    return value == "true"
 
 
 def check_mutable(parameters: dict[str, str]) -> dict[str, str]:
@@ -445,6 +458,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             volume_id=f"{node.id}:{v.id}",
             volume_context={CTX_STORAGE_NODE: node.id, CTX_TENANT: v.tenant},
         )
+        if v.labels.get(ENCRYPTED_LABEL) == "true":
+            volume.volume_context[CTX_ENCRYPTED] = "true"
         source = v.source.WhichOneof("source")
         if source == "snapshot_id":
             volume.content_source.snapshot.snapshot_id = f"{node.id}:{v.source.snapshot_id}"
@@ -462,10 +477,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         require(request.volume_capabilities, "volume_capabilities")
         access = Access.of(request.volume_capabilities)
         parameters = dict(request.parameters)
-        unknown = [k for k in parameters if k not in QOS_PARAMETERS and not k.startswith(CO_PREFIX)]
+        unknown = [
+            k for k in parameters if k not in CREATE_PARAMETERS and not k.startswith(CO_PREFIX)
+        ]
         if unknown:
             raise InvalidArgument(
-                f"unknown parameters {key_list(unknown)} (known: {', '.join(QOS_PARAMETERS)})"
+                f"unknown parameters {key_list(unknown)} (known: {', '.join(CREATE_PARAMETERS)})"
             )
         # A VolumeAttributesClass's parameters take precedence over the StorageClass's
         # (csi-spec, CreateVolumeRequest.mutable_parameters).
@@ -473,6 +490,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         tenant = parameters.get(PVC_NAMESPACE) or DEFAULT_TENANT
         labels = {k: v for k, v in parameters.items() if k in (PVC_NAMESPACE, PVC_NAME, PV_NAME)}
         labels.update(access.labels())
+        if encrypted_parameter(parameters):
+            labels[ENCRYPTED_LABEL] = "true"
         capacity = request.capacity_range if request.HasField("capacity_range") else None
 
         with self.inflight.guard(f"volume name {request.name}"):
@@ -574,6 +593,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             differences.append("another content source")
         if volume.qos != qos:
             differences.append(f"QoS {volume.qos.iops} IOPS, {volume.qos.bytes_per_second} B/s")
+        encrypted = volume.labels.get(ENCRYPTED_LABEL) == "true"
+        if encrypted != encrypted_parameter(request.parameters):
+            differences.append("encryption" if encrypted else "no encryption")
         required = capacity.required_bytes if capacity is not None else 0
         limit = capacity.limit_bytes if capacity is not None else 0
         if volume.size_bytes < required or (limit and volume.size_bytes > limit):
@@ -779,7 +801,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if why:
                 return pb.ValidateVolumeCapabilitiesResponse(message=why)
         unknown = [
-            k for k in request.parameters if k not in QOS_PARAMETERS and not k.startswith(CO_PREFIX)
+            k
+            for k in request.parameters
+            if k not in CREATE_PARAMETERS and not k.startswith(CO_PREFIX)
         ]
         if unknown:
             return pb.ValidateVolumeCapabilitiesResponse(

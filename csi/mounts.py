@@ -42,31 +42,58 @@ class CommandError(Exception):
 _SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 
 
-def spawn_and_wait(argv: Sequence[str]) -> tuple[int, str]:
+def spawn_and_wait(
+    argv: Sequence[str], stdin: bytes | None = None, fd3: bytes | None = None
+) -> tuple[int, str]:
     """Run `argv` to completion through posix_spawn; its exit code (negative: the signal) and
-    its output (stdout and stderr together). Blocking: call it from a thread."""
+    its output (stdout and stderr together). `stdin` and `fd3`: bytes the child reads on that
+    descriptor, each from a pipe of its own (a key: never in argv, a file or the environment;
+    at most a pipe's buffer, so writing it never waits for the child). Blocking: call it from
+    a thread."""
     path = shutil.which(argv[0]) or shutil.which(argv[0], path=_SBIN)
     if path is None:
         return 127, f"{argv[0]}: command not found"
     read_end, write_end = os.pipe()  # both close-on-exec: the child gets them by dup2 only
+    inputs: list[tuple[int, int, bytes]] = []  # (child fd, our write end, data)
+    actions = []
+    for target, data in ((0, stdin), (3, fd3)):
+        if data is None:
+            continue
+        child_end, ours = os.pipe()
+        inputs.append((child_end, ours, data))
+        actions.append((os.POSIX_SPAWN_DUP2, child_end, target))
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    if stdin is None:
+        actions.insert(0, (os.POSIX_SPAWN_DUP2, devnull, 0))
     try:
         pid = os.posix_spawn(
             path,
             list(argv),
             os.environ,
+            # Output first: write_end may be fd 3 here, which the fd3 pipe then replaces.
             file_actions=[
-                (os.POSIX_SPAWN_DUP2, devnull, 0),
                 (os.POSIX_SPAWN_DUP2, write_end, 1),
                 (os.POSIX_SPAWN_DUP2, write_end, 2),
+                *actions,
             ],
         )
     except OSError as exc:
         os.close(read_end)
+        for _, ours, _ in inputs:
+            os.close(ours)
         return 126, f"{argv[0]}: {exc.strerror or exc}"
     finally:
         os.close(write_end)
         os.close(devnull)
+        for child_end, _, _ in inputs:
+            os.close(child_end)
+    for _, ours, data in inputs:
+        try:
+            os.write(ours, data)
+        except BrokenPipeError:
+            pass  # the child exited without reading: its exit code says why
+        finally:
+            os.close(ours)
     with open(read_end, "rb") as out:
         text = out.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
@@ -83,9 +110,15 @@ class Runner:
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 
-    async def run(self, *argv: str, ok: Sequence[int] = (0,)) -> tuple[int, str]:
+    async def run(
+        self,
+        *argv: str,
+        ok: Sequence[int] = (0,),
+        stdin: bytes | None = None,
+        fd3: bytes | None = None,
+    ) -> tuple[int, str]:
         loop = asyncio.get_running_loop()
-        code, text = await loop.run_in_executor(self._executor, spawn_and_wait, argv)
+        code, text = await loop.run_in_executor(self._executor, spawn_and_wait, argv, stdin, fd3)
         if code not in ok:
             raise CommandError(argv, code, text)
         return code, text
@@ -143,6 +176,25 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
+def devtmpfs_root(device: str) -> str:
+    """The root a bind mount of `device`'s node shows in mountinfo: its path inside /dev
+    (/nbd0; /dm-3 for a /dev/mapper link made by udev, /mapper/NAME for a node made by
+    libdevmapper itself)."""
+    return "/" + os.path.relpath(os.path.realpath(device), "/dev")
+
+
+def _same_node(entry: MountEntry, rdev: int) -> bool:
+    """A devtmpfs bind mount of another node of the same device (/dev/mapper/NAME made by
+    libdevmapper and /dev/dm-N are two nodes of one device)."""
+    if entry.root == "/":
+        return False
+    try:
+        st = os.stat(entry.mount_point)
+    except OSError:
+        return False
+    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+
 @dataclass(frozen=True)
 class Usage:
     total_bytes: int
@@ -192,12 +244,12 @@ class Mounter:
         except FileNotFoundError:
             return []
         number = f"{os.major(rdev)}:{os.minor(rdev)}"
-        name = os.path.basename(device)
+        root = devtmpfs_root(device)
         uses = []
         for e in self._entries():
             if e.major_minor == number:
                 uses.append(("mounted at", e))
-            elif e.fs_type == "devtmpfs" and e.root == f"/{name}":
+            elif e.fs_type == "devtmpfs" and (e.root == root or _same_node(e, rdev)):
                 uses.append(("bound onto", e))
         return uses
 
@@ -207,7 +259,11 @@ class Mounter:
 
         def scan() -> list[str]:
             found = [f"{how} {e.mount_point}" for how, e in self._uses(device)]
-            holders = Path("/sys/class/block") / os.path.basename(device) / "holders"
+            try:
+                rdev = os.stat(device).st_rdev
+            except FileNotFoundError:
+                return found
+            holders = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/holders")
             if holders.is_dir():
                 found += [f"held by {h.name}" for h in holders.iterdir()]
             return found

@@ -39,7 +39,18 @@ from .errors import (
     rpc,
 )
 from .identity import NODE_TOPOLOGY_KEY, node_topology_value
-from .mounts import DEFAULT_FS, FILESYSTEMS, CommandError, Mounter
+from .luks import (
+    LABEL_PREFIX,
+    Crypt,
+    Keys,
+    SecretError,
+    derive_key,
+    is_blank,
+    key_id,
+    mapper_name,
+    volume_encrypted,
+)
+from .mounts import DEFAULT_FS, FILESYSTEMS, CommandError, Mounter, devtmpfs_root
 from .nbd_dial import DialError
 from .nbd_kernel import KernelAttacher, KernelOptions
 from .node_state import StagedVolume, StateStore
@@ -177,10 +188,12 @@ class NodeService:
         mounter: Mounter,
         store: StateStore,
         metrics: NodeMetrics,
+        crypt: Crypt | None = None,
     ) -> None:
         self.config = config
         self.attacher = attacher
         self.mounter = mounter
+        self.crypt = crypt or Crypt(mounter.runner)
         self.store = store
         self.metrics = metrics
         self.servicer = NodeServicer(self, config)
@@ -273,14 +286,25 @@ class NodeService:
             return await self.attacher.attach(volume_id, target, None)
 
     async def stage(
-        self, volume_id: str, target: Target, staging_path: str, cap: Capability
+        self,
+        volume_id: str,
+        target: Target,
+        staging_path: str,
+        cap: Capability,
+        keys: Keys | None = None,
     ) -> None:
+        """Stage the volume; `keys`: it is encrypted (LUKS2), with these master keys."""
         record = await self._io(self.store.get, volume_id)
         if record is not None:
             if record.staging_path != staging_path or record.block != cap.block:
                 raise AlreadyExists(
                     f"volume {volume_id} is already staged at {record.staging_path} as "
                     f"{'block' if record.block else 'filesystem'}"
+                )
+            if record.encrypted != (keys is not None):
+                raise AlreadyExists(
+                    f"volume {volume_id} is already staged "
+                    f"{'encrypted' if record.encrypted else 'unencrypted'}"
                 )
             if cap.fs_type and record.fs_type and cap.fs_type != record.fs_type:
                 raise AlreadyExists(f"volume {volume_id} is already staged as {record.fs_type}")
@@ -297,13 +321,17 @@ class NodeService:
                 readonly=target.readonly or cap.reader_only,
                 single_writer=cap.single_writer,
                 context=target.context(),
+                encrypted=keys is not None,
             )
             # Recorded before attaching: a crash in between leaves a record that a retry of
             # NodeStage completes, NodeUnstage cleans up and a restart can match to a device.
             await self._io(self.store.put, record)
         device = await self._ensure_attached(record, target)
+        path = device.path
+        if keys is not None:
+            path = await self._ensure_open(record, device, keys)
         if not record.block:
-            await self._ensure_mounted(record, device)
+            await self._ensure_mounted(record, path)
 
     async def _ensure_attached(self, record: StagedVolume, target: Target) -> Device:
         found = await self.attacher.find(record.volume_id)
@@ -322,23 +350,96 @@ class NodeService:
             await self._count_attached()
         return device
 
-    async def _ensure_mounted(self, record: StagedVolume, device: Device) -> None:
+    async def _ensure_open(self, record: StagedVolume, device: Device, keys: Keys) -> str:
+        """Open the volume's LUKS2 mapping on the device (formatting a blank volume first);
+        the mapper device's path. Idempotent: an open mapping is kept."""
+        name = mapper_name(record.volume_id)
+        mapped = await self.crypt.mapping(name)
+        if mapped is not None:
+            if mapped.slaves != (device.name,):
+                raise FailedPrecondition(
+                    f"{mapped.path} of volume {record.volume_id} is open on "
+                    f"{', '.join(mapped.slaves) or 'nothing'}, not on {device.path}"
+                )
+        else:
+            await self._open(record, device, keys, name)
+            mapped = await self.crypt.mapping(name)
+            if mapped is None:
+                raise CsiError(f"cryptsetup opened {name} but no device-mapper device has it")
+        path = mapped.path
+        if not await self.mounter.exists(path):
+            raise CsiError(f"{path} of volume {record.volume_id} has no device node")
+        if record.mapper != path:
+            record.mapper = path
+            await self._io(self.store.put, record)
+        return path
+
+    async def _open(self, record: StagedVolume, device: Device, keys: Keys, name: str) -> None:
+        volume_id = record.volume_id
+        if not await self.crypt.is_luks(device.path):
+            # Never format over something: only a volume that was never written gets a header.
+            if record.readonly:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is encrypted but has no LUKS2 header and is read-only"
+                )
+            if not await self._io(is_blank, device.path):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is to be encrypted but holds data and no LUKS2 "
+                    "header; not formatting it (an encrypted volume starts empty: clone or "
+                    "restore only from an encrypted volume)"
+                )
+            kid = key_id(volume_id)
+            await self.crypt.format(device.path, derive_key(keys.current, kid), kid)
+        kid = await self.crypt.label(device.path)
+        if not kid.startswith(LABEL_PREFIX):
+            raise FailedPrecondition(
+                f"volume {volume_id} holds a LUKS2 volume this driver did not make "
+                "(its label is not a key id of nbd-csi); not opening it"
+            )
+        current = derive_key(keys.current, kid)
+        if await self.crypt.open(device.path, name, current, record.readonly):
+            # A rotation interrupted after the new keyslot was added: finish it.
+            if (
+                keys.previous is not None
+                and not record.readonly
+                and await self.crypt.remove_key(device.path, derive_key(keys.previous, kid))
+            ):
+                log.info("%s: removed the keyslot of the previous key", volume_id)
+            log.info("%s: opened %s on %s", volume_id, name, device.path)
+            return
+        previous = derive_key(keys.previous, kid) if keys.previous is not None else None
+        if previous is None or not await self.crypt.open(
+            device.path, name, previous, record.readonly
+        ):
+            raise FailedPrecondition(
+                f"the node-stage secret's key does not open encrypted volume {volume_id}"
+            )
+        if record.readonly:
+            log.warning("%s: opened with the previous key; read-only, not re-keyed", volume_id)
+            return
+        # Rotation: a keyslot for the current key first, then the previous one's removed, so
+        # the volume always has a key that opens it.
+        await self.crypt.add_key(device.path, previous, current)
+        await self.crypt.remove_key(device.path, previous)
+        log.info("%s: opened with the previous key and re-keyed to the current one", volume_id)
+
+    async def _ensure_mounted(self, record: StagedVolume, device: str) -> None:
         path = record.staging_path
-        number = await self._io(_device_number, device.path)
+        number = await self._io(_device_number, device)
         entry = await self.mounter.mounted_at(path)
         if entry is not None:
             if entry.major_minor == number:
                 return  # already staged: NodeStage is idempotent
             raise AlreadyExists(f"something else ({entry.source}) is mounted at {path}")
         await self.mounter.make_dir(path)
-        found = await self.mounter.probe(device.path)
+        found = await self.mounter.probe(device)
         fs_type = record.fs_type or DEFAULT_FS
         if found is None:
             if record.readonly:
                 raise FailedPrecondition(
                     f"volume {record.volume_id} has no filesystem and is read-only"
                 )
-            await self.mounter.mkfs(device.path, fs_type)
+            await self.mounter.mkfs(device, fs_type)
         elif found[0] == "TYPE" and found[1] in FILESYSTEMS:
             if record.fs_type and found[1] != record.fs_type:
                 raise FailedPrecondition(
@@ -353,11 +454,11 @@ class NodeService:
                 "not formatting it"
             )
         options = [*record.mount_flags, *(["ro"] if record.readonly else [])]
-        await self.mounter.mount(device.path, path, fs_type, options)
+        await self.mounter.mount(device, path, fs_type, options)
         if record.fs_type != fs_type:
             record.fs_type = fs_type
             await self._io(self.store.put, record)
-        log.info("%s: %s (%s) mounted at %s", record.volume_id, device.path, fs_type, path)
+        log.info("%s: %s (%s) mounted at %s", record.volume_id, device, fs_type, path)
 
     # -- unstage -------------------------------------------------------------------------
 
@@ -368,13 +469,26 @@ class NodeService:
         device = await self.attacher.find(volume_id)
         if device is None and record.device:
             device = Device(record.device, record.index)
-        if not record.block and device is not None:
-            number = await self._io(_device_number, device.path)
+        mapped = await self.crypt.mapping(mapper_name(volume_id)) if record.encrypted else None
+        # What the filesystem is on: the plaintext mapping of an encrypted volume.
+        data_path = device.path if device is not None else None
+        if record.encrypted:
+            data_path = mapped.path if mapped is not None else None
+        if not record.block and data_path is not None:
+            number = await self._io(_device_number, data_path)
             for _ in range(8):  # stacked mounts, bounded
                 entry = await self.mounter.mounted_at(record.staging_path)
                 if entry is None or entry.major_minor != number:
                     break
                 await self.mounter.umount(record.staging_path)
+        if mapped is not None:
+            holders = await self.mounter.holders(mapped.path)
+            if holders:
+                raise FailedPrecondition(
+                    f"{mapped.path} of volume {volume_id} is still in use: {'; '.join(holders)}"
+                )
+            await self.crypt.close(mapped.name)
+            log.info("%s: closed %s", volume_id, mapped.name)
         if device is not None:
             holders = await self.mounter.holders(device.path)
             if holders:
@@ -391,11 +505,11 @@ class NodeService:
 
     async def is_staged(self, volume_id: str) -> bool:
         record = await self._io(self.store.get, volume_id)
-        return record is not None and bool(record.device)
+        return record is not None and bool(record.volume_device)
 
     async def _staged(self, volume_id: str) -> StagedVolume:
         record = await self._io(self.store.get, volume_id)
-        if record is None or not record.device:
+        if record is None or not record.volume_device:
             raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
         return record
 
@@ -417,12 +531,12 @@ class NodeService:
                 f"volume {volume_id} is staged as {'block' if record.block else 'filesystem'}"
             )
         ro = readonly or record.readonly or cap.reader_only
+        device = record.volume_device
         entry = await self.mounter.mounted_at(target_path)
         if entry is not None:
-            number = await self._io(_device_number, record.device)
-            name = os.path.basename(record.device)
+            number = await self._io(_device_number, device)
             ours = (
-                (entry.fs_type == "devtmpfs" and entry.root == f"/{name}")
+                (entry.fs_type == "devtmpfs" and entry.root == devtmpfs_root(device))
                 if record.block
                 else (entry.major_minor == number and entry.root == "/")
             )
@@ -439,7 +553,7 @@ class NodeService:
             # second target path is FAILED_PRECONDITION.
             others = [
                 p
-                for p in await self.mounter.mount_points(record.device)
+                for p in await self.mounter.mount_points(device)
                 if p not in (record.staging_path, target_path)
             ]
             if others:
@@ -449,7 +563,7 @@ class NodeService:
                 )
         if record.block:
             await self.mounter.make_file(target_path)
-            await self.mounter.bind(record.device, target_path, ro, ())
+            await self.mounter.bind(device, target_path, ro, ())
         else:
             await self.mounter.make_dir(target_path)
             await self.mounter.bind(record.staging_path, target_path, ro, cap.mount_flags)
@@ -470,7 +584,7 @@ class NodeService:
         record = await self._io(self.store.get, volume_id)
         if record is None:
             raise NotFound(f"volume {volume_id} is not staged on this node")
-        if not record.device:
+        if not record.volume_device:
             raise FailedPrecondition(f"volume {volume_id} has no device attached")
         if not await self.mounter.exists(volume_path):
             raise NotFound(f"volume path {volume_path} does not exist")
@@ -483,8 +597,11 @@ class NodeService:
                 f"the storage node serves volume {volume_id} with {size} bytes, less than the "
                 f"{required} asked for: expand it on the controller first"
             )
+        if record.encrypted:
+            # The mapping keeps its size until told: grow it to the NBD device's new size.
+            await self.crypt.resize(mapper_name(volume_id))
         if not record.block:
-            await self.mounter.grow(record.device, record.staging_path, record.fs_type)
+            await self.mounter.grow(record.volume_device, record.staging_path, record.fs_type)
         log.info("%s: expanded to %d bytes", volume_id, size)
         return size
 
@@ -492,12 +609,12 @@ class NodeService:
         if not await self.mounter.exists(volume_path):
             raise NotFound(f"volume path {volume_path} does not exist")
         record = await self._io(self.store.get, volume_id)
-        if record is None or not record.device:
+        if record is None or not record.volume_device:
             raise NotFound(f"volume {volume_id} is not staged on this node")
         health = self.attacher.health(volume_id)
         abnormal, message = not health.ok, health.message
         if record.block:
-            size = await self.mounter.device_size(record.device)
+            size = await self.mounter.device_size(record.volume_device)
             return Stats(size, abnormal=abnormal, message=message)
         if await self.mounter.mounted_at(volume_path) is None and not abnormal:
             abnormal, message = True, f"{volume_path} is not mounted"
@@ -568,11 +685,14 @@ class NodeServicer(pb_grpc.NodeServicer):
         cap = _capability(request)
         try:
             target = Target.from_context(request.publish_context)
-        except ValueError as exc:
+            encrypted = volume_encrypted(request.volume_context)
+            # The secrets' values never reach a message: SecretError names the key only.
+            keys = Keys.from_secrets(request.secrets) if encrypted else None
+        except (ValueError, SecretError) as exc:
             raise InvalidArgument(str(exc)) from None
         async with self.service.guard(volume_id):
             try:
-                await self.service.stage(volume_id, target, staging, cap)
+                await self.service.stage(volume_id, target, staging, cap, keys)
             except (AttachError, DialError, CommandError) as exc:
                 raise _translate(exc) from None
         return pb.NodeStageVolumeResponse()

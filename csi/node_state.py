@@ -3,7 +3,9 @@
 Owns one JSON file per staged volume under `STATE_DIR/volumes/`, named by a hash of the volume
 id. A record holds the publish_context (with the export's credential: files are 0600 in a 0700
 directory, and the credential never leaves them except towards the storage node), the staging
-path, the volume's access type, filesystem and mount flags, and the device once attached.
+path, the volume's access type, filesystem and mount flags, the device once attached, and for
+an encrypted volume its device-mapper device once opened (never a key: those come with each
+NodeStage).
 Writes are atomic (temporary file, fsync, rename, fsync of the directory): after a crash a
 record is either the old one or the new one. Blocking: callers run it in an executor.
 """
@@ -36,6 +38,14 @@ class StagedVolume:
     context: dict[str, str] = field(default_factory=dict, repr=False)
     device: str = ""  # /dev/nbdX once attached
     index: int = -1
+    encrypted: bool = False  # LUKS2 on the device (csi/luks.py); the key is never recorded
+    mapper: str = ""  # /dev/dm-N once opened: what is mounted or published
+
+    @property
+    def volume_device(self) -> str:
+        """The device that holds the volume's data: the plaintext mapping of an encrypted
+        volume, else the NBD device."""
+        return self.mapper if self.encrypted else self.device
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, **asdict(self)}, indent=1, sort_keys=True)

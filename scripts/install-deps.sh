@@ -14,7 +14,7 @@ DEBIAN_PACKAGES=(
     qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio
     linux-image-amd64 busybox-static nbd-client socat cpio prometheus
     python3 python3-venv xfsprogs openssl strace
-    fuse3 mount util-linux
+    fuse3 mount util-linux cryptsetup-bin
     syslinux syslinux-common mtools dosfstools e2fsprogs
 )
 

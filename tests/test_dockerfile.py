@@ -43,8 +43,8 @@ BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-image.sh"
 
 DEFAULT_BASE = "debian:bookworm-slim"
 # What the programs run: qemu-img (storage node image import); nbd-client, mkfs.ext4, mkfs.xfs,
-# blkid and mount (node plugin); modprobe (the chart's init container loading nbd); python3
-# runs both.
+# blkid, mount and cryptsetup (node plugin); modprobe (the chart's init container loading nbd);
+# python3 runs both.
 RUNTIME_PACKAGES = {
     "python3",
     "ca-certificates",
@@ -54,6 +54,7 @@ RUNTIME_PACKAGES = {
     "xfsprogs",
     "util-linux",
     "kmod",
+    "cryptsetup-bin",
 }
 # Never in the final image: compilers, headers, build helpers, debuggers, pip.
 FORBIDDEN_PACKAGES = {

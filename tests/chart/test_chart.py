@@ -81,7 +81,7 @@ VALUES_SETS: dict[str, Obj] = {
         "tls": {"secretName": "storage-api-tls", "serverName": "storage-api.example.com"},
         "apiToken": {"existingSecret": "my-storage-token"},
         "storageNode": {"runAsUser": 0, "nodeSelector": {"example.com/disks": "nvme"}},
-        "node": {"loadNbdModule": False},
+        "node": {"loadNbdModule": False, "loadDmCryptModule": False},
         "cdi": {"storageProfile": {"enabled": False}},
         "volumeSnapshotClass": {"enabled": False},
         "storageClasses": {"filesystem": {"enabled": False}},
@@ -294,8 +294,18 @@ def test_nbd_module_loaded_by_an_init_container_unless_the_host_does(chart: Rend
     node = chart.workload("node")
     init = containers(node, init=True)
     load = chart.values.get("node", {}).get("loadNbdModule", True)
-    if not load:
+    load_dm = chart.values.get("node", {}).get("loadDmCryptModule", True)
+    if not load and not load_dm:
         assert init == {} and "modules" not in volumes(node)
+        return
+    if load_dm:
+        dm = init["load-dm-crypt-module"]
+        assert dm["command"] == ["modprobe", "dm_crypt"]
+        assert dm["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_MODULE"]}
+        assert dm["securityContext"]["privileged"] is False
+        assert mount_of(dm, "modules")["readOnly"] is True
+    if not load:
+        assert "load-nbd-module" not in init
         return
     modprobe = init["load-nbd-module"]
     max_volumes = args_of(containers(node)["nbd-csi-plugin"])["--max-volumes"]
@@ -1010,7 +1020,8 @@ def test_images_are_ours_or_the_sidecars(chart: Rendered) -> None:
         for init in (False, True):
             for c in containers(workload, init).values():
                 assert c["image"] == ours or c["image"] in sidecars, c["image"]
-                if c["image"] == ours and c["name"] not in ("data-dir-owner", "load-nbd-module"):
+                modprobes = ("load-nbd-module", "load-dm-crypt-module")
+                if c["image"] == ours and c["name"] not in ("data-dir-owner", *modprobes):
                     assert c["args"][0] in ("csi", "storage_node"), c["name"]
 
 

@@ -48,7 +48,7 @@ def load(path: Path) -> list[Obj]:
 @pytest.fixture(scope="module")
 def examples() -> dict[str, list[Obj]]:
     files = sorted(EXAMPLES.glob("*.yaml"))
-    assert len(files) == 7
+    assert len(files) == 8
     return {f.name: load(f) for f in files}
 
 
@@ -80,7 +80,8 @@ def test_built_in_kinds_validate_strictly(examples: dict[str, list[Obj]]) -> Non
         for version in KUBE_VERSIONS:
             problems += [f"{version} {name} {obj['kind']}: {p}" for p in validate(obj, version)]
     assert problems == []
-    assert checked == 6  # 2 Namespaces, 2 PVCs, a ClusterRole and a RoleBinding
+    # 2 Namespaces, 2 PVCs, a ClusterRole, a RoleBinding and the encrypted StorageClass
+    assert checked == 7
 
 
 def test_custom_resources_have_their_projects_api_versions(examples: dict[str, list[Obj]]) -> None:
@@ -121,8 +122,10 @@ def test_every_class_named_is_one_the_chart_creates(
 ) -> None:
     specs = claims(examples)
     assert len(specs) >= 5
+    own = {o["metadata"]["name"] for o in by_kind(examples, "StorageClass")}
+    assert not own & chart_classes["StorageClass"], "an example's class shadows the chart's"
     for spec in specs:
-        assert spec["storageClassName"] in chart_classes["StorageClass"], spec
+        assert spec["storageClassName"] in chart_classes["StorageClass"] | own, spec
         # On the block class, the modes KubeVirt needs for live migration.
         if spec["storageClassName"] == "nbd-block-rwx":
             assert spec["volumeMode"] == "Block" and spec["accessModes"] == ["ReadWriteMany"]
@@ -133,14 +136,32 @@ def test_every_class_named_is_one_the_chart_creates(
     assert tier in chart_classes["VolumeAttributesClass"]
 
 
-def vm_and_disk(examples: dict[str, list[Obj]]) -> tuple[Obj, Obj]:
-    (vm,) = by_kind(examples, "VirtualMachine")
+def vm_and_disk(examples: dict[str, list[Obj]], name: str = "debian-vm") -> tuple[Obj, Obj]:
+    (vm,) = (o for o in by_kind(examples, "VirtualMachine") if o["metadata"]["name"] == name)
     (disk,) = vm["spec"]["dataVolumeTemplates"]
     return vm, disk
 
 
-def test_vm_is_live_migratable(examples: dict[str, list[Obj]]) -> None:
-    vm, disk = vm_and_disk(examples)
+def test_encrypted_class_takes_its_key_from_the_pvc_namespace(
+    examples: dict[str, list[Obj]],
+) -> None:
+    """docs/csi-node.md, "Encrypted volumes": `encrypted` plus node-stage secrets; no key in
+    the example itself (everyone would share it)."""
+    (sc,) = by_kind(examples, "StorageClass")
+    assert sc["provisioner"] == "nbd.csi.dev"
+    assert sc["parameters"] == {
+        "encrypted": "true",
+        "csi.storage.k8s.io/node-stage-secret-name": "nbd-encryption-key",
+        "csi.storage.k8s.io/node-stage-secret-namespace": "${pvc.namespace}",
+    }
+    assert by_kind(examples, "Secret") == []
+    _, disk = vm_and_disk(examples, "encrypted-vm")
+    assert storage_of(disk)["storageClassName"] == sc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("vm_name", ["debian-vm", "encrypted-vm"])
+def test_vm_is_live_migratable(examples: dict[str, list[Obj]], vm_name: str) -> None:
+    vm, disk = vm_and_disk(examples, vm_name)
     template = vm["spec"]["template"]["spec"]
     assert template["evictionStrategy"] == "LiveMigrate"
     storage = storage_of(disk)

@@ -307,7 +307,8 @@ ERROR_CASES = [
              lambda e, key=key, value=value: cv(parameters={key: value}),
              Code.INVALID_ARGUMENT, INVALID)
         for key, value in [("iops", "fast"), ("iops", "-1"),
-                           ("bandwidth", "lots"), ("bandwidth", "-1Mi"), ("colour", "blue")]
+                           ("bandwidth", "lots"), ("bandwidth", "-1Mi"), ("colour", "blue"),
+                           ("encrypted", "yes"), ("encrypted", "True"), ("encrypted", "")]
     ],
     case("mutable-parameter-iops=fast", "CreateVolume",
          lambda e: cv(mutable_parameters={"iops": "fast"}), Code.INVALID_ARGUMENT, INVALID),
@@ -320,6 +321,9 @@ ERROR_CASES = [
     case("same-name-other-source", "CreateVolume",
          lambda e: cv(name=e.name, capacity_range=exact(MiB), volume_content_source=from_snapshot(e.snapshot.snapshot_id)),  # noqa: E501
          Code.ALREADY_EXISTS, "Volume already exists but is incompatible (volume_content_source)"),
+    case("same-name-other-encryption", "CreateVolume",
+         lambda e: cv(name=e.name, capacity_range=exact(MiB), parameters={"encrypted": "true"}),
+         Code.ALREADY_EXISTS, "Volume already exists but is incompatible (parameters)"),
     case("same-name-other-tenant", "CreateVolume",
          lambda e: cv(name=e.name, capacity_range=exact(MiB), parameters={"csi.storage.k8s.io/pvc/namespace": "elsewhere"}),  # noqa: E501
          Code.ALREADY_EXISTS, "Volume already exists but is incompatible (parameters)"),
@@ -581,6 +585,22 @@ def test_create_volume_qos_parameters(pool: Pool) -> None:
     )
     qos = pool.sn_volume(volume.volume_id).qos
     assert (qos.iops, qos.bytes_per_second) == (2000, 10 * MiB)
+
+
+def test_create_volume_encrypted_parameter(pool: Pool) -> None:
+    """`encrypted: "true"` is remembered by the storage node (a label) and reaches NodeStage
+    in volume_context; "false" or no parameter gives a plain volume (docs/csi-node.md)."""
+    encrypted = pool.create(size=MiB, parameters={"encrypted": "true"})
+    assert encrypted.volume_context["nbd.csi.dev/encrypted"] == "true"
+    assert pool.sn_volume(encrypted.volume_id).labels["nbd.csi.dev/encrypted"] == "true"
+    for parameters in ({"encrypted": "false"}, {}):
+        plain = pool.create(size=MiB, parameters=parameters)
+        assert "nbd.csi.dev/encrypted" not in plain.volume_context
+    listed = {
+        e.volume.volume_id: e.volume
+        for e in pool.controller.ListVolumes(pb.ListVolumesRequest(), timeout=CALL_TIMEOUT).entries
+    }
+    assert listed[encrypted.volume_id].volume_context["nbd.csi.dev/encrypted"] == "true"
 
 
 def test_create_volume_from_snapshot(pool: Pool, existing: Existing) -> None:

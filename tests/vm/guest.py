@@ -44,7 +44,7 @@ MODULES = (
     "qemu_fw_cfg",
 )
 # A guest that runs the host's own tree (tests/vm/guest_init_hostroot.sh) also needs 9p over
-# virtio, overlayfs, and the filesystems the node plugin makes.
+# virtio, overlayfs, the filesystems the node plugin makes, and dm-crypt.
 HOSTROOT_MODULES = (
     *MODULES,
     "9pnet_virtio",
@@ -53,6 +53,15 @@ HOSTROOT_MODULES = (
     "crc32c_generic",
     "ext4",
     "xfs",
+    # Encrypted volumes (LUKS2, aes-xts-plain64; docs/csi-node.md): device-mapper and
+    # dm-crypt, the XTS and ECB templates around the built-in AES, and the kernel crypto API
+    # for user space that cryptsetup encrypts keyslots with.
+    "dm_mod",
+    "dm_crypt",
+    "ecb",
+    "xts",
+    "af_alg",
+    "algif_skcipher",
 )
 HOSTROOT_INIT_SCRIPT = Path(__file__).with_name("guest_init_hostroot.sh")
 EXIT_MARKER = re.compile(r"^NBDCSI-GUEST-EXIT rc=(\d+)\s*$", re.MULTILINE)
