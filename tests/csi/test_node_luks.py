@@ -292,3 +292,36 @@ def test_volume_with_data_is_never_formatted_for_encryption(
         assert "holds data" in (err.details() or "")
         unstage(harness, vol, tmp_path / "enc")
     assert export_bytes(vol, 0, 16 * MiB) == before, "nothing written"
+
+
+# -- a device in use through another node of it -----------------------------------------------
+
+
+@needs_node
+def test_a_bind_of_another_node_of_the_device_counts_as_a_holder(tmp_path: Path) -> None:
+    """/dev/mapper/NAME (made by libdevmapper) and /dev/dm-N are two nodes of one device: a
+    bind mount of either holds the device, whichever name NodeUnstage asks about."""
+    import subprocess
+
+    from csi.mounts import Mounter
+
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(MiB))
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    alias = Path(f"/dev/nbdcsi-test-alias-{os.getpid()}")
+    target = tmp_path / "target"
+    target.touch()
+    mounter = Mounter()
+    try:
+        rdev = os.stat(loop).st_rdev
+        os.mknod(alias, 0o600 | 0o060000, rdev)  # S_IFBLK
+        subprocess.run(["mount", "--bind", str(alias), str(target)], check=True)
+        holders = asyncio.run(mounter.holders(loop))
+        assert holders == [f"bound onto {target}"], holders
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+        alias.unlink(missing_ok=True)
+        subprocess.run(["losetup", "-d", loop], check=False)
+        mounter.close()
