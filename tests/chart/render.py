@@ -135,11 +135,12 @@ def _kind(api_version: str, kind: str, spec: Obj, top: Obj | None = None) -> Obj
     }
 
 
-# Facts from the published CRDs: snapshot.storage.k8s.io/v1 VolumeSnapshotClass
-# (kubernetes-csi/external-snapshotter), cdi.kubevirt.io/v1beta1 StorageProfile (CDI),
-# monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule (prometheus-operator),
-# cert-manager.io/v1 Issuer and Certificate (cert-manager). Only the
-# fields the chart uses are allowed: anything else is a typo the API server would drop or refuse.
+# Facts from the published CRDs: snapshot.storage.k8s.io/v1 VolumeSnapshotClass and
+# groupsnapshot.storage.k8s.io VolumeGroupSnapshotClass (kubernetes-csi/external-snapshotter),
+# cdi.kubevirt.io/v1beta1 StorageProfile (CDI), monitoring.coreos.com/v1 ServiceMonitor and
+# PrometheusRule (prometheus-operator), cert-manager.io/v1 Issuer and Certificate
+# (cert-manager). Only the fields the chart uses are allowed: anything else is a typo the API
+# server would drop or refuse.
 CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _kind(
         "snapshot.storage.k8s.io/v1",
@@ -154,6 +155,26 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
             },
         },
     ),
+    **{
+        (version, "VolumeGroupSnapshotClass"): _kind(
+            version,
+            "VolumeGroupSnapshotClass",
+            {},
+            top={
+                "required": ["driver", "deletionPolicy"],
+                "properties": {
+                    "driver": {"type": "string"},
+                    "deletionPolicy": {"enum": ["Delete", "Retain"]},
+                    "parameters": STRING_MAP,
+                },
+            },
+        )
+        for version in (
+            "groupsnapshot.storage.k8s.io/v1",
+            "groupsnapshot.storage.k8s.io/v1beta2",
+            "groupsnapshot.storage.k8s.io/v1beta1",
+        )
+    },
     ("cdi.kubevirt.io/v1beta1", "StorageProfile"): _kind(
         "cdi.kubevirt.io/v1beta1",
         "StorageProfile",
