@@ -215,7 +215,11 @@ class GroupControllerServicer(pb_grpc.GroupControllerServicer):
         if unknown:
             raise InvalidArgument(f"unknown parameters {key_list(unknown)} (none are supported)")
         group_id = group_id_for(name)
-        with self.inflight.guard(f"group snapshot name {request.name}"):
+        # The name, and the id: a DeleteVolumeGroupSnapshot of it waits for this call.
+        with (
+            self.inflight.guard(f"group snapshot name {request.name}"),
+            self.inflight.guard(group_id),
+        ):
             existing = await self._members(group_id)
             if existing and complete(existing):
                 have = sorted(f"{n.id}:{s.volume_id}" for n, s in existing)

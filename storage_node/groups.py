@@ -106,8 +106,9 @@ class GroupSnapshots:
         if len({n for n, _ in members}) < len(members):
             raise InvalidArgument("two members have the same name")
         current = self.groups.get(group_id)
-        if current is not None and current.state == "discarded":
-            del self.groups[group_id]  # a new attempt after a failed one
+        if current is not None and current.state in ("discarded", "committed"):
+            # A new attempt after a failed one; a committed group's rows answer below.
+            del self.groups[group_id]
             current = None
         if current is not None:
             wanted = sorted(members)
@@ -115,18 +116,18 @@ class GroupSnapshots:
             if current.state == "prepared" and have == wanted:
                 return current.state, [m.snap for m in current.members]  # a retried prepare
             raise Aborted(f"group snapshot {group_id} is {current.state} on this node; retry")
-        store = self.volumes.store
-        existing = await store.run(lambda s: s.snapshots(group_id=group_id))
-        if existing:
-            raise AlreadyExists(
-                f"group snapshot {group_id} already has {len(existing)} member(s) on this node; "
-                "delete it first"
-            )
+        # Registered before the first await: a concurrent prepare of the same group is ABORTED.
         self._forget_finished()
         group = _Group(group_id, [])
         self.groups[group_id] = group
         try:
             async with group.lock:
+                existing = await self.volumes.store.run(lambda s: s.snapshots(group_id=group_id))
+                if existing:
+                    raise AlreadyExists(
+                        f"group snapshot {group_id} already has {len(existing)} member(s) on "
+                        "this node; delete it first"
+                    )
                 await self._prepare(group, members)
                 group.state = "prepared"
                 self._lease(group, lease, "it was not held within its lease")
