@@ -141,10 +141,11 @@ def _kind(api_version: str, kind: str, spec: Obj, top: Obj | None = None) -> Obj
 # PrometheusRule (prometheus-operator), cert-manager.io/v1 Issuer and Certificate
 # (cert-manager). Only the fields the chart uses are allowed: anything else is a typo the API
 # server would drop or refuse.
-CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
-    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _kind(
-        "snapshot.storage.k8s.io/v1",
-        "VolumeSnapshotClass",
+def _snapshot_class(api_version: str, kind: str) -> Obj:
+    """A VolumeSnapshotClass or VolumeGroupSnapshotClass: the same fields at the top level."""
+    return _kind(
+        api_version,
+        kind,
         {},
         top={
             "required": ["driver", "deletionPolicy"],
@@ -154,26 +155,19 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
                 "parameters": STRING_MAP,
             },
         },
+    )
+
+
+GROUP_SNAPSHOT_VERSIONS = ("v1", "v1beta2", "v1beta1")
+CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _snapshot_class(
+        "snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"
     ),
     **{
-        (version, "VolumeGroupSnapshotClass"): _kind(
-            version,
-            "VolumeGroupSnapshotClass",
-            {},
-            top={
-                "required": ["driver", "deletionPolicy"],
-                "properties": {
-                    "driver": {"type": "string"},
-                    "deletionPolicy": {"enum": ["Delete", "Retain"]},
-                    "parameters": STRING_MAP,
-                },
-            },
+        (f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass"): _snapshot_class(
+            f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass"
         )
-        for version in (
-            "groupsnapshot.storage.k8s.io/v1",
-            "groupsnapshot.storage.k8s.io/v1beta2",
-            "groupsnapshot.storage.k8s.io/v1beta1",
-        )
+        for v in GROUP_SNAPSHOT_VERSIONS
     },
     ("cdi.kubevirt.io/v1beta1", "StorageProfile"): _kind(
         "cdi.kubevirt.io/v1beta1",
