@@ -942,6 +942,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             source_volume_id=f"{node.id}:{s.volume_id}",
             creation_time=timestamp(s.created_at),
             ready_to_use=s.ready,
+            group_snapshot_id=s.group_id,
         )
 
     @rpc
@@ -988,6 +989,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if found is None:
                 return pb.DeleteSnapshotResponse()  # already gone: OK
             node, snap = found
+            if snap.group_id:
+                # "Snapshot is part of a group" (DeleteSnapshot errors): members go together.
+                raise InvalidArgument(
+                    f"snapshot {request.snapshot_id} is a member of group snapshot "
+                    f"{snap.group_id}; delete the group (DeleteVolumeGroupSnapshot)"
+                )
             try:
                 await node.call("DeleteSnapshot", sn.DeleteSnapshotRequest(snapshot_id=snap.id))
             except StorageNodeError as exc:
@@ -1134,6 +1141,9 @@ class ControllerService:
         self.kube = kube
         self.quotas = TenantQuotas(kube, nodes, registry)
         self.servicer = ControllerServicer(nodes, self.quotas)
+        from .group_controller import GroupControllerServicer
+
+        self.group_servicer = GroupControllerServicer(self.servicer, registry)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _discover_forever(self) -> None:

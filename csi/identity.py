@@ -26,8 +26,10 @@ _Expansion = pb.PluginCapability.VolumeExpansion
 # - VOLUME_ACCESSIBILITY_CONSTRAINTS: a volume lives on one storage node; topology tells the
 #   CO where it can be reached from.
 # - VolumeExpansion ONLINE: volumes grow while attached (the VM sees the new NBD size).
+# - GROUP_CONTROLLER_SERVICE: crash-consistent group snapshots (csi/group_controller.py).
 CAPABILITIES = (
     pb.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
+    pb.PluginCapability(service=_Service(type=_Service.GROUP_CONTROLLER_SERVICE)),
     pb.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
     pb.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
 )

@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal, DecimalException
 from typing import Any
@@ -216,7 +216,7 @@ class TenantQuotas:
     async def admit(
         self,
         tenant: str,
-        node: StorageNodeClient,
+        node: StorageNodeClient | Sequence[StorageNodeClient],
         *,
         capacity_bytes: int = 0,
         volumes: int = 0,
@@ -224,7 +224,9 @@ class TenantQuotas:
         what: str = "",
     ) -> AsyncIterator[None]:
         """Hold the tenant's lock while the caller adds `capacity_bytes`, `volumes` and
-        `snapshots` on `node`; refuse with RESOURCE_EXHAUSTED if that passes the quota."""
+        `snapshots` on `node` (or several nodes: a group snapshot); refuse with
+        RESOURCE_EXHAUSTED if that passes the quota."""
+        targets = [node] if isinstance(node, StorageNodeClient) else list(node)
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:
             quota = await self.quota(tenant)
@@ -233,8 +235,9 @@ class TenantQuotas:
                 check(quota, usage, capacity_bytes, volumes, snapshots, what)
             # The fence: the node itself then refuses past the quota. Pushed every time, so a
             # node whose catalogue was replaced gets it back before it takes the change.
-            if quota is not None or (node.id, tenant) in self._pushed:
-                await self._push(node, tenant, quota, force=True)
+            for target in targets:
+                if quota is not None or (target.id, tenant) in self._pushed:
+                    await self._push(target, tenant, quota, force=True)
             yield
         if quota is not None:
             task = asyncio.create_task(self.report(tenant))

@@ -92,6 +92,7 @@ async def serve(config: Config) -> None:
             control = await controller.start(config, storage_nodes, registry)
             services.append(control)
             pb_grpc.add_ControllerServicer_to_server(control.servicer, server)
+            pb_grpc.add_GroupControllerServicer_to_server(control.group_servicer, server)
         if config.mode in (Mode.NODE, Mode.ALL):
             from . import node
 

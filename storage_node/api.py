@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from .errors import InvalidArgument, StorageError, status_mapper
+from .groups import GroupSnapshots
 from .store import AttachmentRow, GoldenImageRow, SnapshotRow, TenantLimits, VolumeRow
 from .v1 import storage_node_pb2 as pb
 from .v1 import storage_node_pb2_grpc as pb_grpc
@@ -27,6 +28,11 @@ _STATES = {
     "ready": pb.VOLUME_STATE_READY,
     "deleting": pb.VOLUME_STATE_DELETING,
     "failed": pb.VOLUME_STATE_FAILED,
+}
+_GROUP_STATES = {
+    "prepared": pb.GROUP_STATE_PREPARED,
+    "held": pb.GROUP_STATE_HELD,
+    "committed": pb.GROUP_STATE_COMMITTED,
 }
 _FORMATS = {
     pb.IMAGE_FORMAT_UNSPECIFIED: "",
@@ -81,6 +87,7 @@ def snapshot_pb(s: SnapshotRow) -> pb.Snapshot:
         size_bytes=s.size,
         ready=s.ready,
         created_at=s.created_at,
+        group_id=s.group_id,
     )
 
 
@@ -95,11 +102,27 @@ def image_pb(i: GoldenImageRow) -> pb.Image:
     )
 
 
+def group_pb(group_id: str, state: str, rows: list[SnapshotRow], held: float = 0.0) -> Any:
+    return pb.GroupSnapshot(
+        group_id=group_id,
+        state=_GROUP_STATES[state],
+        snapshots=[snapshot_pb(s) for s in rows],
+        held_seconds=held,
+    )
+
+
 class ManagementServicer(pb_grpc.StorageNodeServicer):
-    def __init__(self, service: VolumeService, settings: NodeSettings, version: str) -> None:
+    def __init__(
+        self,
+        service: VolumeService,
+        settings: NodeSettings,
+        version: str,
+        groups: GroupSnapshots | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
         self.version = version
+        self.groups = groups if groups is not None else GroupSnapshots(service)
 
     def _attachment_pb(self, a: AttachmentRow) -> pb.Attachment:
         host, port = self.settings.nbd_host, self.settings.nbd_port
@@ -196,7 +219,12 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
         self, request: pb.ListSnapshotsRequest, context: Any
     ) -> pb.ListSnapshotsResponse:
         rows, token = await self.service.list_snapshots(
-            request.tenant, request.volume_id, request.page_size, request.page_token, request.name
+            request.tenant,
+            request.volume_id,
+            request.page_size,
+            request.page_token,
+            request.name,
+            request.group_id,
         )
         snapshots, token = cut_by_bytes([snapshot_pb(s) for s in rows], token)
         return pb.ListSnapshotsResponse(snapshots=snapshots, next_page_token=token)
@@ -207,6 +235,35 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
     ) -> pb.DeleteSnapshotResponse:
         await self.service.delete_snapshot(request.snapshot_id)
         return pb.DeleteSnapshotResponse()
+
+    @_rpc
+    async def PrepareGroupSnapshot(
+        self, request: pb.PrepareGroupSnapshotRequest, context: Any
+    ) -> pb.GroupSnapshot:
+        members = [(m.name, m.volume_id) for m in request.members]
+        state, rows = await self.groups.prepare(request.group_id, members, request.lease_seconds)
+        return group_pb(request.group_id, state, rows)
+
+    @_rpc
+    async def HoldGroupSnapshot(
+        self, request: pb.HoldGroupSnapshotRequest, context: Any
+    ) -> pb.GroupSnapshot:
+        state, rows = await self.groups.hold(request.group_id, request.lease_seconds)
+        return group_pb(request.group_id, state, rows)
+
+    @_rpc
+    async def CommitGroupSnapshot(
+        self, request: pb.CommitGroupSnapshotRequest, context: Any
+    ) -> pb.GroupSnapshot:
+        state, rows, held = await self.groups.commit(request.group_id)
+        return group_pb(request.group_id, state, rows, held)
+
+    @_rpc
+    async def DeleteGroupSnapshot(
+        self, request: pb.DeleteGroupSnapshotRequest, context: Any
+    ) -> pb.DeleteGroupSnapshotResponse:
+        await self.groups.delete(request.group_id)
+        return pb.DeleteGroupSnapshotResponse()
 
     @_rpc
     async def ImportImage(self, request: pb.ImportImageRequest, context: Any) -> pb.Image:

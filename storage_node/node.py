@@ -43,6 +43,7 @@ from .config import DEFAULT_EXPORT, Config, ExportSpec
 from .dataplane import ControlChannel, DataPlane, ProcessState
 from .exports import ExportRegistry, normalize_peer
 from .files import create_sparse
+from .groups import GroupSnapshots
 from .metrics import REFRESH_INTERVAL, STATS_INTERVAL, NodeMetrics, StatsReporter
 from .nbd.server import NbdServer
 from .qos import SharedBuckets
@@ -238,6 +239,7 @@ class StorageNode:
         self._listener: socket.socket | None = None
         self._stopping = False
         self._local: ProcessState | None = None
+        self.groups: GroupSnapshots | None = None
         self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="node-io")
         self._tasks: set[asyncio.Task[None]] = set()
         self._local_peers: Counter[str] = Counter()  # --workers 0: connections by address
@@ -310,7 +312,8 @@ class StorageNode:
         tls = None
         if config.tls_cert and config.tls_key:
             tls = (config.tls_cert.read_bytes(), config.tls_key.read_bytes())
-        servicer = api.ManagementServicer(self.service, self.settings, version())
+        self.groups = GroupSnapshots(self.service)
+        servicer = api.ManagementServicer(self.service, self.settings, version(), self.groups)
         grpc_server, api_port = api.make_server(
             servicer, token, f"{config.api_host}:{config.api_port}", tls
         )
@@ -537,6 +540,8 @@ class StorageNode:
             self._metrics_task.cancel()
         await loop.run_in_executor(None, self.metrics.stop)
         await grpc_server.stop(5)
+        if self.groups is not None:
+            await self.groups.close()  # no volume stays held
         await self.service.close()
         if self._local is not None:
             await self._local.server.shutdown(self.config.shutdown_timeout)

@@ -102,6 +102,11 @@ MIGRATIONS: list[str] = [
         qos_bps        INTEGER NOT NULL DEFAULT 0
     ) STRICT
     """,
+    # 3: group snapshots (storage_node.groups): a member snapshot names its group.
+    """
+    ALTER TABLE snapshots ADD COLUMN group_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX snapshots_by_group ON snapshots (group_id) WHERE group_id != ''
+    """,
 ]
 
 
@@ -142,6 +147,7 @@ class SnapshotRow:
     ready: bool = False
     deleting: bool = False
     created_at: float = 0.0
+    group_id: str = ""  # the group snapshot it is a member of (storage_node.groups)
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ _VOLUME_COLUMNS = (
     "id, name, tenant, size, state, path, source_kind, source_id, qos_iops, qos_bps, labels, "
     "created_at, error"
 )
-_SNAPSHOT_COLUMNS = "id, name, volume_id, tenant, size, path, ready, deleting, created_at"
+_SNAPSHOT_COLUMNS = "id, name, volume_id, tenant, size, path, ready, deleting, created_at, group_id"
 _IMAGE_COLUMNS = "id, name, source_path, format, path, size, ready, deleting, error, created_at"
 _ATTACHMENT_COLUMNS = (
     "volume_id, node_id, node_address, readonly, multi_node, export_name, created_at"
@@ -364,7 +370,12 @@ class Store:
         return _snapshot(row) if row else None
 
     def snapshots(
-        self, tenant: str = "", volume_id: str = "", after: str = "", limit: int = -1
+        self,
+        tenant: str = "",
+        volume_id: str = "",
+        after: str = "",
+        limit: int = -1,
+        group_id: str = "",
     ) -> list[SnapshotRow]:
         query = f"SELECT {_SNAPSHOT_COLUMNS} FROM snapshots WHERE id > ?"
         args: list[Any] = [after]
@@ -374,12 +385,15 @@ class Store:
         if volume_id:
             query += " AND volume_id = ?"
             args.append(volume_id)
+        if group_id:
+            query += " AND group_id = ?"
+            args.append(group_id)
         rows = self.db.execute(query + " ORDER BY id LIMIT ?", (*args, limit))
         return [_snapshot(r) for r in rows]
 
     def insert_snapshot(self, s: SnapshotRow) -> None:
         self.db.execute(
-            f"INSERT INTO snapshots ({_SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO snapshots ({_SNAPSHOT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 s.id,
                 s.name,
@@ -390,6 +404,7 @@ class Store:
                 int(s.ready),
                 int(s.deleting),
                 s.created_at,
+                s.group_id,
             ),
         )
 

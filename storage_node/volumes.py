@@ -75,7 +75,7 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 GONE = "its source disappeared"
-_ID = re.compile(r"^(vol|snap|img)-[0-9a-f]{16}$")
+_ID = re.compile(r"^(vol|snap|img|grp)-[0-9a-f]{16}$")
 COPY_MAPS = "copy-maps"  # DATA/copy-maps: dirty maps of live copies (files.LiveCopy)
 # A live copy without reflink holds I/O only for its last catch-up: at most this much
 # (chunks changed during the pass before), after at most this many passes.
@@ -451,23 +451,7 @@ class VolumeService:
             tracking = True
             copied = await self._io(copy.first_pass)
             await self._io(copy.sync)  # the bulk of the writeback, while writes go on
-            half, passes, last = 0, 0, copy.size
-            while True:
-                # Writers move to the other half; the one they left is stable: catch it up.
-                half ^= 1
-                await self.dataplane.track_switch(name, half)
-                last = await self._io(copy.catch_up, half ^ 1)
-                await self._io(copy.sync)
-                passes += 1
-                if last <= LIVE_COPY_FINAL_BYTES:
-                    break
-                if passes >= LIVE_COPY_PASSES:
-                    raise Aborted(
-                        f"volume {volume_id} changes faster than storage node "
-                        f"{self.settings.node_id!r} can copy it while it is written "
-                        f"({human(last)} changed during the last of {passes} passes; "
-                        "its I/O is never held for a whole copy); retry later"
-                    )
+            half, passes = await self._converge(volume_id, copy, name, 0)
             async with self.dataplane.quiesced(volume_id, flush=False):
                 held = time.monotonic()
                 final = await self._io(copy.catch_up, half)
@@ -491,6 +475,30 @@ class VolumeService:
                     await self.dataplane.untrack(name)
             await self._io(copy.abort)
             raise
+
+    async def _converge(
+        self, volume_id: str, copy: files.LiveCopy, name: str, half: int
+    ) -> tuple[int, int]:
+        """Catch-up passes while writes go on, until the changes of one pass are at most
+        LIVE_COPY_FINAL_BYTES (ABORTED after LIVE_COPY_PASSES passes). Returns the map half
+        writers mark now (the last catch-up, held, copies it) and the passes made."""
+        passes = 0
+        while True:
+            # Writers move to the other half; the one they left is stable: catch it up.
+            half ^= 1
+            await self.dataplane.track_switch(name, half)
+            last = await self._io(copy.catch_up, half ^ 1)
+            await self._io(copy.sync)
+            passes += 1
+            if last <= LIVE_COPY_FINAL_BYTES:
+                return half, passes
+            if passes >= LIVE_COPY_PASSES:
+                raise Aborted(
+                    f"volume {volume_id} changes faster than storage node "
+                    f"{self.settings.node_id!r} can copy it while it is written "
+                    f"({human(last)} changed during the last of {passes} passes; "
+                    "its I/O is never held for a whole copy); retry later"
+                )
 
     async def _source_path(self, kind: str, source_id: str, tenant: str, size: int) -> str:
         if not kind:
@@ -707,7 +715,13 @@ class VolumeService:
         return row
 
     async def list_snapshots(
-        self, tenant: str, volume_id: str, page_size: int, token: str, name: str = ""
+        self,
+        tenant: str,
+        volume_id: str,
+        page_size: int,
+        token: str,
+        name: str = "",
+        group_id: str = "",
     ) -> tuple[list[SnapshotRow], str]:
         limit = self._page(page_size)
         if tenant:
@@ -723,10 +737,13 @@ class VolumeService:
                 row is None
                 or tenant not in ("", row.tenant)
                 or volume_id not in ("", row.volume_id)
+                or group_id not in ("", row.group_id)
             ):
                 return [], ""
             return [row], ""
-        rows = await self.store.run(lambda s: s.snapshots(tenant, volume_id, token, limit + 1))
+        rows = await self.store.run(
+            lambda s: s.snapshots(tenant, volume_id, token, limit + 1, group_id)
+        )
         return rows[:limit], rows[limit - 1].id if len(rows) > limit else ""
 
     async def delete_snapshot(self, snapshot_id: str) -> None:

@@ -15,6 +15,13 @@ class VolumeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VOLUME_STATE_DELETING: _ClassVar[VolumeState]
     VOLUME_STATE_FAILED: _ClassVar[VolumeState]
 
+class GroupState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GROUP_STATE_UNSPECIFIED: _ClassVar[GroupState]
+    GROUP_STATE_PREPARED: _ClassVar[GroupState]
+    GROUP_STATE_HELD: _ClassVar[GroupState]
+    GROUP_STATE_COMMITTED: _ClassVar[GroupState]
+
 class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
@@ -25,6 +32,10 @@ VOLUME_STATE_CREATING: VolumeState
 VOLUME_STATE_READY: VolumeState
 VOLUME_STATE_DELETING: VolumeState
 VOLUME_STATE_FAILED: VolumeState
+GROUP_STATE_UNSPECIFIED: GroupState
+GROUP_STATE_PREPARED: GroupState
+GROUP_STATE_HELD: GroupState
+GROUP_STATE_COMMITTED: GroupState
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_RAW: ImageFormat
 IMAGE_FORMAT_QCOW2: ImageFormat
@@ -209,7 +220,7 @@ class CreateSnapshotRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., volume_id: _Optional[str] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("id", "name", "volume_id", "tenant", "size_bytes", "allocated_bytes", "ready", "created_at")
+    __slots__ = ("id", "name", "volume_id", "tenant", "size_bytes", "allocated_bytes", "ready", "created_at", "group_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +229,7 @@ class Snapshot(_message.Message):
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     volume_id: str
@@ -226,7 +238,8 @@ class Snapshot(_message.Message):
     allocated_bytes: int
     ready: bool
     created_at: float
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., volume_id: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., ready: _Optional[bool] = ..., created_at: _Optional[float] = ...) -> None: ...
+    group_id: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., volume_id: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., ready: _Optional[bool] = ..., created_at: _Optional[float] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
     __slots__ = ("snapshot_id",)
@@ -235,18 +248,20 @@ class GetSnapshotRequest(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
-    __slots__ = ("tenant", "volume_id", "page_size", "page_token", "name")
+    __slots__ = ("tenant", "volume_id", "page_size", "page_token", "name", "group_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     volume_id: str
     page_size: int
     page_token: str
     name: str
-    def __init__(self, tenant: _Optional[str] = ..., volume_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    group_id: str
+    def __init__(self, tenant: _Optional[str] = ..., volume_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., name: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class ListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots", "next_page_token")
@@ -263,6 +278,60 @@ class DeleteSnapshotRequest(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
 
 class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupMember(_message.Message):
+    __slots__ = ("name", "volume_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    volume_id: str
+    def __init__(self, name: _Optional[str] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class PrepareGroupSnapshotRequest(_message.Message):
+    __slots__ = ("group_id", "members", "lease_seconds")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    members: _containers.RepeatedCompositeFieldContainer[GroupMember]
+    lease_seconds: float
+    def __init__(self, group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class HoldGroupSnapshotRequest(_message.Message):
+    __slots__ = ("group_id", "lease_seconds")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    lease_seconds: float
+    def __init__(self, group_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class CommitGroupSnapshotRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class GroupSnapshot(_message.Message):
+    __slots__ = ("group_id", "state", "snapshots", "held_seconds")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    state: GroupState
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    held_seconds: float
+    def __init__(self, group_id: _Optional[str] = ..., state: _Optional[_Union[GroupState, str]] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., held_seconds: _Optional[float] = ...) -> None: ...
+
+class DeleteGroupSnapshotRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class DeleteGroupSnapshotResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -94,6 +94,26 @@ class StorageNodeStub:
                 request_serializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotRequest.SerializeToString,
                 response_deserializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotResponse.FromString,
                 _registered_method=True)
+        self.PrepareGroupSnapshot = channel.unary_unary(
+                '/storage_node.v1.StorageNode/PrepareGroupSnapshot',
+                request_serializer=storage__node_dot_v1_dot_storage__node__pb2.PrepareGroupSnapshotRequest.SerializeToString,
+                response_deserializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+                _registered_method=True)
+        self.HoldGroupSnapshot = channel.unary_unary(
+                '/storage_node.v1.StorageNode/HoldGroupSnapshot',
+                request_serializer=storage__node_dot_v1_dot_storage__node__pb2.HoldGroupSnapshotRequest.SerializeToString,
+                response_deserializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+                _registered_method=True)
+        self.CommitGroupSnapshot = channel.unary_unary(
+                '/storage_node.v1.StorageNode/CommitGroupSnapshot',
+                request_serializer=storage__node_dot_v1_dot_storage__node__pb2.CommitGroupSnapshotRequest.SerializeToString,
+                response_deserializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+                _registered_method=True)
+        self.DeleteGroupSnapshot = channel.unary_unary(
+                '/storage_node.v1.StorageNode/DeleteGroupSnapshot',
+                request_serializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotRequest.SerializeToString,
+                response_deserializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotResponse.FromString,
+                _registered_method=True)
         self.ImportImage = channel.unary_unary(
                 '/storage_node.v1.StorageNode/ImportImage',
                 request_serializer=storage__node_dot_v1_dot_storage__node__pb2.ImportImageRequest.SerializeToString,
@@ -221,6 +241,35 @@ class StorageNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareGroupSnapshot(self, request, context):
+        """Group snapshots: one instant for several volumes, also across storage nodes. The caller
+        prepares the group on every node, then holds it on every node, then commits it on every
+        node (docs/storage-node-api.md, "Group snapshots"). A prepared or held group that is not
+        taken further within its lease is discarded by the node itself: its holds released, its
+        copies and rows removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportImage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -343,6 +392,26 @@ def add_StorageNodeServicer_to_server(servicer, server):
                     servicer.DeleteSnapshot,
                     request_deserializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotRequest.FromString,
                     response_serializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'PrepareGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareGroupSnapshot,
+                    request_deserializer=storage__node_dot_v1_dot_storage__node__pb2.PrepareGroupSnapshotRequest.FromString,
+                    response_serializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.SerializeToString,
+            ),
+            'HoldGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldGroupSnapshot,
+                    request_deserializer=storage__node_dot_v1_dot_storage__node__pb2.HoldGroupSnapshotRequest.FromString,
+                    response_serializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.SerializeToString,
+            ),
+            'CommitGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitGroupSnapshot,
+                    request_deserializer=storage__node_dot_v1_dot_storage__node__pb2.CommitGroupSnapshotRequest.FromString,
+                    response_serializer=storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.SerializeToString,
+            ),
+            'DeleteGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroupSnapshot,
+                    request_deserializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotRequest.FromString,
+                    response_serializer=storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotResponse.SerializeToString,
             ),
             'ImportImage': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportImage,
@@ -719,6 +788,114 @@ class StorageNode:
             '/storage_node.v1.StorageNode/DeleteSnapshot',
             storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotRequest.SerializeToString,
             storage__node_dot_v1_dot_storage__node__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/storage_node.v1.StorageNode/PrepareGroupSnapshot',
+            storage__node_dot_v1_dot_storage__node__pb2.PrepareGroupSnapshotRequest.SerializeToString,
+            storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/storage_node.v1.StorageNode/HoldGroupSnapshot',
+            storage__node_dot_v1_dot_storage__node__pb2.HoldGroupSnapshotRequest.SerializeToString,
+            storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/storage_node.v1.StorageNode/CommitGroupSnapshot',
+            storage__node_dot_v1_dot_storage__node__pb2.CommitGroupSnapshotRequest.SerializeToString,
+            storage__node_dot_v1_dot_storage__node__pb2.GroupSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/storage_node.v1.StorageNode/DeleteGroupSnapshot',
+            storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotRequest.SerializeToString,
+            storage__node_dot_v1_dot_storage__node__pb2.DeleteGroupSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,15 +135,17 @@ def _kind(api_version: str, kind: str, spec: Obj, top: Obj | None = None) -> Obj
     }
 
 
-# Facts from the published CRDs: snapshot.storage.k8s.io/v1 VolumeSnapshotClass
-# (kubernetes-csi/external-snapshotter), cdi.kubevirt.io/v1beta1 StorageProfile (CDI),
-# monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule (prometheus-operator),
-# cert-manager.io/v1 Issuer and Certificate (cert-manager). Only the
-# fields the chart uses are allowed: anything else is a typo the API server would drop or refuse.
-CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
-    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _kind(
-        "snapshot.storage.k8s.io/v1",
-        "VolumeSnapshotClass",
+# Facts from the published CRDs: snapshot.storage.k8s.io/v1 VolumeSnapshotClass and
+# groupsnapshot.storage.k8s.io VolumeGroupSnapshotClass (kubernetes-csi/external-snapshotter),
+# cdi.kubevirt.io/v1beta1 StorageProfile (CDI), monitoring.coreos.com/v1 ServiceMonitor and
+# PrometheusRule (prometheus-operator), cert-manager.io/v1 Issuer and Certificate
+# (cert-manager). Only the fields the chart uses are allowed: anything else is a typo the API
+# server would drop or refuse.
+def _snapshot_class(api_version: str, kind: str) -> Obj:
+    """A VolumeSnapshotClass or VolumeGroupSnapshotClass: the same fields at the top level."""
+    return _kind(
+        api_version,
+        kind,
         {},
         top={
             "required": ["driver", "deletionPolicy"],
@@ -153,7 +155,20 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
                 "parameters": STRING_MAP,
             },
         },
+    )
+
+
+GROUP_SNAPSHOT_VERSIONS = ("v1", "v1beta2", "v1beta1")
+CUSTOM_SCHEMAS: dict[tuple[str, str], Obj] = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _snapshot_class(
+        "snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"
     ),
+    **{
+        (f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass"): _snapshot_class(
+            f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass"
+        )
+        for v in GROUP_SNAPSHOT_VERSIONS
+    },
     ("cdi.kubevirt.io/v1beta1", "StorageProfile"): _kind(
         "cdi.kubevirt.io/v1beta1",
         "StorageProfile",

@@ -69,6 +69,7 @@ VALUES_SETS: dict[str, Obj] = {
             "dashboard": {"enabled": True},
         },
         "volumeAttributesClasses": {"enabled": True},
+        "volumeGroupSnapshotClass": {"enabled": True},
         "storageNode": {
             "topology": {"topology.nbd.csi.dev/zone": "a"},
             "ports": {"nbd": 20809, "api": 20810, "metrics": 20811},
@@ -175,9 +176,12 @@ def test_what_each_values_set_renders(chart: Rendered) -> None:
     if name == "default":
         assert "Secret" in kinds and "VolumeSnapshotClass" in kinds and "StorageProfile" in kinds
         assert kinds.count("StorageClass") == 2
-        assert not {"ServiceMonitor", "PrometheusRule", "VolumeAttributesClass"} & set(kinds)
+        assert not {
+            "ServiceMonitor", "PrometheusRule", "VolumeAttributesClass", "VolumeGroupSnapshotClass"
+        } & set(kinds)  # fmt: skip
     if name == "monitoring-qos-certmanager":
         assert kinds.count("ServiceMonitor") == 3 and kinds.count("VolumeAttributesClass") == 3
+        assert kinds.count("VolumeGroupSnapshotClass") == 1
         assert "PrometheusRule" in kinds and "ConfigMap" in kinds
     if name == "tls-own-token-root":
         assert not {"Secret", "StorageProfile", "VolumeSnapshotClass"} & set(kinds)
@@ -187,7 +191,7 @@ def test_what_each_values_set_renders(chart: Rendered) -> None:
 def test_namespaced_objects_live_in_the_release_namespace(chart: Rendered) -> None:
     cluster_scoped = {
         "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass", "VolumeSnapshotClass",
-        "VolumeAttributesClass", "StorageProfile",
+        "VolumeAttributesClass", "StorageProfile", "VolumeGroupSnapshotClass",
     }  # fmt: skip
     for _, obj in chart.objects:
         if obj["kind"] in cluster_scoped:
@@ -216,7 +220,7 @@ def test_driver_name_is_the_plugins_everywhere(chart: Rendered) -> None:
     assert driver["metadata"]["name"] == DRIVER_NAME
     for sc in chart.all("StorageClass"):
         assert sc["provisioner"] == DRIVER_NAME
-    for vsc in chart.all("VolumeSnapshotClass"):
+    for vsc in chart.all("VolumeSnapshotClass") + chart.all("VolumeGroupSnapshotClass"):
         assert vsc["driver"] == DRIVER_NAME
     for vac in chart.all("VolumeAttributesClass"):
         assert vac["driverName"] == DRIVER_NAME
@@ -804,18 +808,6 @@ SIDECAR_CLUSTER_RULES: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
         ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch")),
     ],
 }
-# Left out (controller-clusterrole.yaml says why): the snapshotter's group snapshot rules, which
-# only its group snapshot controller uses, and it runs that only for a driver with the CSI
-# GroupController service (ours has none).
-NOT_GRANTED = {
-    ("snapshot.storage.k8s.io", "volumesnapshotcontents", "create"),
-    *(
-        (g, r, v)
-        for g, r, verbs in SIDECAR_CLUSTER_RULES["csi-snapshotter"]
-        if g == "groupsnapshot.storage.k8s.io"
-        for v in verbs
-    ),
-}
 
 
 def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered) -> None:
@@ -835,14 +827,12 @@ def test_controller_rights_cover_plugin_and_sidecars_and_no_more(chart: Rendered
         ("endpointslices", "list")
     }
     assert not any(g == "discovery.k8s.io" for g, _, _ in rules_of(cluster))
-    # Every rule each sidecar documents, except the ones the chart leaves out on purpose.
+    # Every rule each sidecar documents, the snapshotter's group snapshot rules too (the
+    # plugin has the GroupController service).
     granted = rules_of(cluster)
     for sidecar, rules in SIDECAR_CLUSTER_RULES.items():
         for group, resource, verbs in rules:
             for verb in verbs:
-                if (group, resource, verb) in NOT_GRANTED:
-                    assert (group, resource, verb) not in granted
-                    continue
                 assert (group, resource, verb) in granted, (sidecar, group, resource, verb)
     # Nothing beyond the sidecars' rules and the plugin's own.
     documented = {
@@ -929,8 +919,42 @@ def test_default_sidecars_are_the_releases_for_current_kubernetes() -> None:
     # csi-provisioner v6 and csi-resizer v2 read the v1 VolumeAttributesClass API (1.34+).
     assert (major("provisioner"), major("resizer")) == (6, 2)
     assert major("snapshotter") == 8 and major("attacher") == 4
-    for name in ("provisioner", "resizer"):
+    for name in ("provisioner", "resizer", "snapshotter"):
         assert sidecars[name]["featureGates"] == [], name
+
+
+def test_group_snapshot_class_for_the_snapshotter_release(full: Rendered) -> None:
+    """v1 and no gate for csi-snapshotter v8.6+ (GA, on by default); an older release takes
+    its API version and the CSIVolumeGroupSnapshot gate from values (docs/install.md)."""
+    vgsc = full.one("VolumeGroupSnapshotClass")
+    assert vgsc["apiVersion"] == "groupsnapshot.storage.k8s.io/v1"
+    assert vgsc["metadata"]["name"] == "nbd-group-snapshot"
+    assert vgsc["metadata"]["annotations"] == {
+        "groupsnapshot.storage.kubernetes.io/is-default-class": "true"
+    }
+    assert vgsc["deletionPolicy"] == "Delete"
+    assert "--feature-gates" not in args_of(
+        containers(full.workload("controller"))["csi-snapshotter"]
+    )
+    values = {
+        "volumeGroupSnapshotClass": {
+            "enabled": True,
+            "apiVersion": "groupsnapshot.storage.k8s.io/v1beta1",
+        },
+        "sidecars": {
+            "snapshotter": {
+                "image": "registry.k8s.io/sig-storage/csi-snapshotter:v8.2.1",
+                "featureGates": ["CSIVolumeGroupSnapshot=true"],
+            }
+        },
+    }
+    assert lint(values) == []
+    older = render(values)
+    (vgsc,) = older.all("VolumeGroupSnapshotClass")
+    assert vgsc["apiVersion"] == "groupsnapshot.storage.k8s.io/v1beta1"
+    assert validate(vgsc, "1.30.0") == []
+    snapshotter = containers(older.workload("controller"))["csi-snapshotter"]
+    assert args_of(snapshotter)["--feature-gates"] == "CSIVolumeGroupSnapshot=true"
 
 
 def test_snapshot_class_and_cdi_storage_profile(default: Rendered) -> None:

@@ -30,6 +30,7 @@ CUSTOM_KINDS = {
     "VirtualMachine": "kubevirt.io/v1",
     "DataVolume": "cdi.kubevirt.io/v1beta1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
+    "VolumeGroupSnapshot": "groupsnapshot.storage.k8s.io/v1",
     "TenantQuota": "nbd.csi.dev/v1alpha1",
 }
 
@@ -48,7 +49,7 @@ def load(path: Path) -> list[Obj]:
 @pytest.fixture(scope="module")
 def examples() -> dict[str, list[Obj]]:
     files = sorted(EXAMPLES.glob("*.yaml"))
-    assert len(files) == 8
+    assert len(files) == 9
     return {f.name: load(f) for f in files}
 
 
@@ -62,11 +63,18 @@ def by_kind(examples: dict[str, list[Obj]], kind: str) -> list[Obj]:
 
 @pytest.fixture(scope="module")
 def chart_classes() -> dict[str, set[str]]:
-    """Class names the chart creates: defaults, plus the QoS tiers when they are turned on."""
-    rendered = render({"volumeAttributesClasses": {"enabled": True}})
+    """Class names the chart creates: defaults, plus the QoS tiers and the group snapshot
+    class when they are turned on."""
+    rendered = render(
+        {
+            "volumeAttributesClasses": {"enabled": True},
+            "volumeGroupSnapshotClass": {"enabled": True},
+        }
+    )
+    kinds = ("StorageClass", "VolumeSnapshotClass", "VolumeAttributesClass")
     return {
         kind: {o["metadata"]["name"] for o in rendered.all(kind)}
-        for kind in ("StorageClass", "VolumeSnapshotClass", "VolumeAttributesClass")
+        for kind in (*kinds, "VolumeGroupSnapshotClass")
     }
 
 
@@ -131,6 +139,9 @@ def test_every_class_named_is_one_the_chart_creates(
             assert spec["volumeMode"] == "Block" and spec["accessModes"] == ["ReadWriteMany"]
     for snap in by_kind(examples, "VolumeSnapshot"):
         assert snap["spec"]["volumeSnapshotClassName"] in chart_classes["VolumeSnapshotClass"]
+    for group in by_kind(examples, "VolumeGroupSnapshot"):
+        name = group["spec"]["volumeGroupSnapshotClassName"]
+        assert name in chart_classes["VolumeGroupSnapshotClass"]
     (tier_patch,) = load(EXAMPLES / "change-qos-tier.yaml")
     tier = tier_patch["spec"]["volumeAttributesClassName"]
     assert tier in chart_classes["VolumeAttributesClass"]
@@ -157,6 +168,28 @@ def test_encrypted_class_takes_its_key_from_the_pvc_namespace(
     assert by_kind(examples, "Secret") == []
     _, disk = vm_and_disk(examples, "encrypted-vm")
     assert storage_of(disk)["storageClassName"] == sc["metadata"]["name"]
+
+
+def test_the_group_snapshot_selects_every_disk_of_its_vm(examples: dict[str, list[Obj]]) -> None:
+    """The selector matches the labels CDI copies from each DataVolume to its PVC: every disk
+    of the VM, nothing else of the examples."""
+    (group,) = by_kind(examples, "VolumeGroupSnapshot")
+    selector = group["spec"]["source"]["selector"]["matchLabels"]
+    vms = {v["metadata"]["name"]: v for v in by_kind(examples, "VirtualMachine")}
+    vm = vms["db-vm"]
+    assert vm["metadata"]["namespace"] == group["metadata"]["namespace"]
+    templates = vm["spec"]["dataVolumeTemplates"]
+    assert len(templates) == 2
+    for t in templates:
+        assert selector.items() <= t["metadata"].get("labels", {}).items(), t["metadata"]["name"]
+    disks = {v["dataVolume"]["name"] for v in vm["spec"]["template"]["spec"]["volumes"]}
+    assert disks == {t["metadata"]["name"] for t in templates}
+    others = [
+        o
+        for _, o in objects(examples)
+        if o is not vm and selector.items() <= o.get("metadata", {}).get("labels", {}).items()
+    ]
+    assert others == []
 
 
 @pytest.mark.parametrize("vm_name", ["debian-vm", "encrypted-vm"])

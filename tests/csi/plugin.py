@@ -63,6 +63,7 @@ class Plugin:
         self.channel = grpc.insecure_channel(grpc_target(self.endpoint), options=_FAST_RECONNECT)
         self.identity = pb_grpc.IdentityStub(self.channel)
         self.controller = pb_grpc.ControllerStub(self.channel)
+        self.group = pb_grpc.GroupControllerStub(self.channel)
         self.node = pb_grpc.NodeStub(self.channel)
 
     def log_text(self) -> str:

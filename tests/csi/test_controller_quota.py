@@ -168,6 +168,37 @@ def test_capacity_quota_counts_snapshots_and_growth(pool: Pool, kube: KubeApi) -
     assert reply.capacity_bytes == 5 * MiB
 
 
+def test_a_group_snapshot_counts_every_member_and_a_refused_one_creates_nothing(
+    pool: Pool, kube: KubeApi
+) -> None:
+    """Each member of a group is a snapshot of the tenant's quota; a group that does not fit
+    is refused whole (final for the snapshotter, like CreateSnapshot) and makes nothing."""
+    kube.put(tenant_quota("groups", snapshots=3))
+    volumes = [
+        create(pool, "groups", accessibility_requirements=in_zone(z))
+        for z in ("zone-a", "zone-b", "zone-b")
+    ]
+    ids = [v.volume_id for v in volumes]
+    group = pool.plugin.group
+    first = group.CreateVolumeGroupSnapshot(
+        pb.CreateVolumeGroupSnapshotRequest(name=unique_name("group"), source_volume_ids=ids[:2]),
+        timeout=CALL_TIMEOUT,
+    ).group_snapshot
+    assert tenant_usage(pool, "groups").snapshots == 2
+    error = expect_error(
+        group.CreateVolumeGroupSnapshot,
+        pb.CreateVolumeGroupSnapshotRequest(name=unique_name("group"), source_volume_ids=ids),
+        SNAPSHOT_REFUSED,
+    )
+    assert "2 of its 3 snapshots" in str(error.details()), error.details()
+    assert tenant_usage(pool, "groups").snapshots == 2  # nothing of the refused group
+    group.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=first.group_snapshot_id),
+        timeout=CALL_TIMEOUT,
+    )
+    assert tenant_usage(pool, "groups").snapshots == 0
+
+
 # How the sidecars classify a CreateSnapshot / ControllerExpandVolume error (external-snapshotter
 # isCSIFinalError, external-resizer IsFinalError and IsResizeInfeasibleError): these codes mean
 # "may still be in progress" and the request is retried as it was.

@@ -233,6 +233,7 @@ def test_plugin_info(plugin: Plugin) -> None:
 EXPECTED_CAPABILITIES = {
     ("service", Service.CONTROLLER_SERVICE),
     ("service", Service.VOLUME_ACCESSIBILITY_CONSTRAINTS),
+    ("service", Service.GROUP_CONTROLLER_SERVICE),
     ("volume_expansion", Expansion.ONLINE),
 }
 
@@ -261,9 +262,12 @@ def test_capabilities_and_services_per_mode(tmp_path: Path, mode: str) -> None:
                 pb.ControllerGetCapabilitiesRequest(), timeout=30
             ),
             "node": lambda: p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=30),
+            "group": lambda: p.group.GroupControllerGetCapabilities(
+                pb.GroupControllerGetCapabilitiesRequest(), timeout=30
+            ),
         }
         for service, call in calls.items():
-            if mode in (service, "all"):
+            if mode in ({"group": "controller"}.get(service, service), "all"):
                 assert call().capabilities
             else:
                 with pytest.raises(grpc.RpcError) as info:

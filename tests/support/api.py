@@ -79,6 +79,20 @@ class Api:
     def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest) -> pb.DeleteSnapshotResponse:
         return self._call("DeleteSnapshot", request)
 
+    def PrepareGroupSnapshot(self, request: pb.PrepareGroupSnapshotRequest) -> pb.GroupSnapshot:
+        return self._call("PrepareGroupSnapshot", request)
+
+    def HoldGroupSnapshot(self, request: pb.HoldGroupSnapshotRequest) -> pb.GroupSnapshot:
+        return self._call("HoldGroupSnapshot", request)
+
+    def CommitGroupSnapshot(self, request: pb.CommitGroupSnapshotRequest) -> pb.GroupSnapshot:
+        return self._call("CommitGroupSnapshot", request)
+
+    def DeleteGroupSnapshot(
+        self, request: pb.DeleteGroupSnapshotRequest
+    ) -> pb.DeleteGroupSnapshotResponse:
+        return self._call("DeleteGroupSnapshot", request)
+
     def ImportImage(self, request: pb.ImportImageRequest) -> pb.Image:
         return self._call("ImportImage", request)
 
