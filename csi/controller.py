@@ -71,6 +71,10 @@ PV_NAME = "csi.storage.k8s.io/pv/name"
 IOPS = "iops"
 BANDWIDTH = "bandwidth"
 QOS_PARAMETERS = (IOPS, BANDWIDTH)
+# "false": the storage node writes zeroes as data (for volumes preallocated on purpose); by
+# default all-zero writes become holes (docs/storage-node.md, "Thin writes"). Creation only.
+ZERO_DETECTION = "zeroDetection"
+CREATE_PARAMETERS = (*QOS_PARAMETERS, ZERO_DETECTION)
 # Bound of a QoS value's text: a quantity like "1.5Gi" needs few characters (millions of digits
 # made decimal arithmetic overflow); parse_quantity bounds the number to int64.
 QOS_QUANTITY_CHARS = 32
@@ -251,6 +255,15 @@ def qos_quantity(value: str, key: str) -> int:
         return parse_quantity(value, key)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def zero_detection(parameters: dict[str, str]) -> bool:
+    """The `zeroDetection` StorageClass parameter: "true" (the default) or "false"."""
+    value = parameters.get(ZERO_DETECTION, "true")
+    if value.lower() not in ("true", "false"):
+        shown = value if len(value) <= 64 else value[:61] + "..."
+        raise InvalidArgument(f'{ZERO_DETECTION} must be "true" or "false", got {shown!r}')
+    return value.lower() == "true"
 
 
 def key_list(keys: list[str]) -> str:
@@ -462,11 +475,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         require(request.volume_capabilities, "volume_capabilities")
         access = Access.of(request.volume_capabilities)
         parameters = dict(request.parameters)
-        unknown = [k for k in parameters if k not in QOS_PARAMETERS and not k.startswith(CO_PREFIX)]
+        unknown = [
+            k for k in parameters if k not in CREATE_PARAMETERS and not k.startswith(CO_PREFIX)
+        ]
         if unknown:
             raise InvalidArgument(
-                f"unknown parameters {key_list(unknown)} (known: {', '.join(QOS_PARAMETERS)})"
+                f"unknown parameters {key_list(unknown)} (known: {', '.join(CREATE_PARAMETERS)})"
             )
+        thin = zero_detection(parameters)
         # A VolumeAttributesClass's parameters take precedence over the StorageClass's
         # (csi-spec, CreateVolumeRequest.mutable_parameters).
         qos = qos_parameters({**parameters, **check_mutable(dict(request.mutable_parameters))})
@@ -481,7 +497,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if existing is not None:
                 node, volume = existing
                 self._check_same_volume(
-                    request, node, volume, access, tenant, source, capacity, qos
+                    request, node, volume, access, tenant, source, capacity, qos, thin
                 )
                 volume = await self._wait_ready(node, volume)
                 return pb.CreateVolumeResponse(
@@ -508,6 +524,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                         source=source,
                         qos=qos,
                         labels=labels,
+                        zero_detection_disabled=not thin,
                     ),
                 )
             log.info(
@@ -561,6 +578,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         source: sn.VolumeSource | None,
         capacity: pb.CapacityRange | None,
         qos: sn.Qos,
+        thin: bool = True,
     ) -> None:
         """A retried CreateVolume gets the volume it made; another request under the same
         name gets ALREADY_EXISTS (csi-spec, CreateVolume errors)."""
@@ -574,6 +592,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             differences.append("another content source")
         if volume.qos != qos:
             differences.append(f"QoS {volume.qos.iops} IOPS, {volume.qos.bytes_per_second} B/s")
+        if volume.zero_detection_disabled == thin:
+            differences.append(f"{ZERO_DETECTION} {str(not thin).lower()}")
         required = capacity.required_bytes if capacity is not None else 0
         limit = capacity.limit_bytes if capacity is not None else 0
         if volume.size_bytes < required or (limit and volume.size_bytes > limit):
@@ -779,7 +799,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if why:
                 return pb.ValidateVolumeCapabilitiesResponse(message=why)
         unknown = [
-            k for k in request.parameters if k not in QOS_PARAMETERS and not k.startswith(CO_PREFIX)
+            k
+            for k in request.parameters
+            if k not in CREATE_PARAMETERS and not k.startswith(CO_PREFIX)
         ]
         if unknown:
             return pb.ValidateVolumeCapabilitiesResponse(

@@ -102,6 +102,10 @@ MIGRATIONS: list[str] = [
         qos_bps        INTEGER NOT NULL DEFAULT 0
     ) STRICT
     """,
+    # 3: zero detection, on unless the volume was created with it off (docs/storage-node.md).
+    """
+    ALTER TABLE volumes ADD COLUMN zero_detection INTEGER NOT NULL DEFAULT 1
+    """,
 ]
 
 
@@ -129,6 +133,7 @@ class VolumeRow:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     error: str = ""
+    zero_detection: bool = True
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,7 @@ class TenantUsage:
 
 _VOLUME_COLUMNS = (
     "id, name, tenant, size, state, path, source_kind, source_id, qos_iops, qos_bps, labels, "
-    "created_at, error"
+    "created_at, error, zero_detection"
 )
 _SNAPSHOT_COLUMNS = "id, name, volume_id, tenant, size, path, ready, deleting, created_at"
 _IMAGE_COLUMNS = "id, name, source_path, format, path, size, ready, deleting, error, created_at"
@@ -199,6 +204,7 @@ _ATTACHMENT_COLUMNS = (
 def _volume(row: tuple[Any, ...]) -> VolumeRow:
     values = list(row)
     values[10] = json.loads(values[10])
+    values[13] = bool(values[13])
     return VolumeRow(*values)
 
 
@@ -305,7 +311,7 @@ class Store:
 
     def insert_volume(self, v: VolumeRow) -> None:
         self.db.execute(
-            f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 v.id,
                 v.name,
@@ -320,6 +326,7 @@ class Store:
                 json.dumps(v.labels, sort_keys=True),
                 v.created_at,
                 v.error,
+                int(v.zero_detection),
             ),
         )
 
