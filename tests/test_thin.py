@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from storage_node.backend.file import ZERO_RUN, DirtyMap, FileBackend
 from storage_node.v1 import storage_node_pb2 as pb
 from tests.clients.targets import debian_python_env
 from tests.support.api import Api, ApiNode, api_node
+from tests.support.images import sparse_raw
 from tests.support.rawnbd import RawClient
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -45,21 +45,6 @@ def run(*argv: str, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, f"{argv[0]}: {result.stdout}{result.stderr}"
     return result.stdout
-
-
-def sparse_raw(path: Path, size: int, seed: int, fraction: float = 0.1) -> int:
-    """A sparse raw image with random data in about `fraction` of its 64 KiB clusters;
-    returns the bytes allocated to it (its data)."""
-    rng = random.Random(seed)
-    clusters = rng.sample(range(size // (64 * KiB)), int(size // (64 * KiB) * fraction))
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for c in sorted(clusters):
-            f.seek(c * 64 * KiB)
-            f.write(rng.randbytes(64 * KiB))
-    data = allocated(path)
-    assert abs(data - len(clusters) * 64 * KiB) <= 64 * KiB, "the source is sparse"
-    return data
 
 
 def within_one_percent(got: int, data: int) -> bool:
