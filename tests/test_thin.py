@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,3 +284,63 @@ def test_punched_zero_writes_are_marked_changed_for_live_copies(tmp_path: Path) 
     # And the dirty map format is the one the live copy reads.
     dirty = DirtyMap(str(map_path), chunk, chunks)
     dirty.close()
+
+
+def test_a_live_snapshot_taken_while_zeroes_are_written_holds_a_prefix_of_them(
+    node: ApiNode, api: Api
+) -> None:
+    """One 4 KiB WRITE of zeroes after another (each punched) over a volume of 0xAA while a
+    snapshot is taken (ext4: no reflink, so a live copy with change tracking): the snapshot
+    holds zeroes exactly in the blocks of writes 0..K-1 for some K inside the call."""
+    size, block, stride = 64 * MiB, 4096, 7919
+    blocks = size // block
+    vol = new_volume(api, size)
+    target = uri(api, vol)
+    nbdsh(
+        target,
+        f"for off in range(0, {size}, 1 << 20):\n    h.pwrite(b'\\xaa' * (1 << 20), off)\n"
+        "h.flush()\n",
+    )
+    client = RawClient(node.nbd_port, timeout=120).connect(export_name(api, vol))
+    stop, acked, sent, errors = threading.Event(), [], [], []
+    progress = threading.Condition()
+
+    def writer() -> None:
+        try:
+            k = 0
+            while not stop.is_set() and k < blocks:
+                sent.append(time.monotonic())
+                offset = k * stride % blocks * block
+                assert client.call(WRITE, k, offset, block, payload=bytes(block)).error == 0
+                acked.append(time.monotonic())
+                k += 1
+                with progress:
+                    progress.notify_all()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def wait_for(n: int) -> None:
+        with progress:
+            assert progress.wait_for(lambda: len(acked) >= n or errors, 120)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        wait_for(100)
+        start = time.monotonic()
+        snap = api.CreateSnapshot(pb.CreateSnapshotRequest(name=unique("snap"), volume_id=vol.id))
+        end = time.monotonic()
+        wait_for(len(acked) + 100)
+    finally:
+        stop.set()
+        thread.join(120)
+        client.close()
+    assert not errors, errors
+    data = (node.data_dir / "snapshots" / f"{snap.id}.img").read_bytes()
+    zeroed = {b for b in range(blocks) if data[b * block] == 0}
+    for b in range(blocks):
+        want = bytes(block) if b in zeroed else b"\xaa" * block
+        assert data[b * block : (b + 1) * block] == want, f"block {b} torn"
+    k = len(zeroed)
+    assert zeroed == {i * stride % blocks for i in range(k)}, "not a prefix of the writes"
+    assert sum(1 for a in acked if a < start) <= k <= sum(1 for s in sent if s < end)
