@@ -43,6 +43,8 @@ Servers (names accepted by `--servers`)
   ours                 a volume created through the management API, reached through its
                        attachment; metrics on, no QoS limit (default workers)
   ours-qos             the same with volume and tenant QoS limits far above the load
+  ours-qos-nozd        as ours-qos, its volume created with zero detection off
+                       (zero_detection_disabled): what the zero check costs
   ours-raw             python -m storage_node --export name=bench,file=IMAGE: no volume, no
                        attachment, no metrics wrapper, no QoS; for reference only
   qemu-nbd             qemu-nbd's best configuration for the medium, see below
@@ -133,9 +135,12 @@ CPU_WINDOW_HEAD = 0.3
 CPU_WINDOW_TAIL = 0.2
 
 # Our servers: the first one present is the ratio's subject.
-OURS = ("ours-qos", "ours", "ours-raw")
+OURS = ("ours-qos", "ours", "ours-raw", "ours-qos-nozd")
 # Servers backed by a volume of the management API, and the tenant each volume belongs to.
-VOLUME_TENANT = {"ours": "bench", "ours-qos": "bench-qos"}
+VOLUME_TENANT = {"ours": "bench", "ours-qos": "bench-qos", "ours-qos-nozd": "bench-qos-nozd"}
+# Servers with QoS limits, and those whose volume has zero detection off.
+WITH_QOS = ("ours-qos", "ours-qos-nozd")
+NO_ZERO_DETECTION = ("ours-qos-nozd",)
 QOS_IOPS = 10_000_000
 QOS_BYTES_PER_SECOND = 100 * 10**9
 NODE_ID = "bench-node"
@@ -418,6 +423,11 @@ def server_kinds() -> dict[str, ServerKind]:
         ),
         ServerKind("ours-qos", f"as ours, with {qos}", _ours_volume("ours-qos")),
         ServerKind(
+            "ours-qos-nozd",
+            "as ours-qos, the volume with zero detection off",
+            _ours_volume("ours-qos-nozd"),
+        ),
+        ServerKind(
             "ours-raw",
             f"python -m storage_node --export name={EXPORT},file=IMAGE (reference only)",
             _ours_raw,
@@ -518,14 +528,22 @@ def prepare_volumes(site: Site, servers: Sequence[str]) -> None:
         for server in wanted:
             tenant = VOLUME_TENANT[server]
             qos = pb.Qos(iops=QOS_IOPS, bytes_per_second=QOS_BYTES_PER_SECOND)
-            if server == "ours-qos":
+            if server in WITH_QOS:
                 api.SetTenantLimits(
                     pb.SetTenantLimitsRequest(name=tenant, limits=pb.TenantLimits(qos=qos))
                 )
-            volume = api.wait_volume(api.create_volume(f"bench-{server}", site.size, tenant).id)
+            created = api.CreateVolume(
+                pb.CreateVolumeRequest(
+                    name=f"bench-{server}",
+                    tenant=tenant,
+                    size_bytes=site.size,
+                    zero_detection_disabled=server in NO_ZERO_DETECTION,
+                )
+            )
+            volume = api.wait_volume(created.id)
             if volume.state != pb.VOLUME_STATE_READY:
                 raise BenchError(f"volume for {server} is not ready: {volume.error}")
-            if server == "ours-qos":
+            if server in WITH_QOS:
                 volume = api.SetVolumeQos(pb.SetVolumeQosRequest(volume_id=volume.id, qos=qos))
                 if volume.qos.iops != QOS_IOPS:
                     raise BenchError(f"SetVolumeQos did not take: {volume.qos}")
@@ -649,7 +667,9 @@ class Result:
     fio: dict[str, Any] = field(default_factory=dict)
 
 
-def fio_job(row: Row, uri: str, image_size: int, runtime: float, ramp: float) -> str:
+def fio_job(
+    row: Row, uri: str, image_size: int, runtime: float, ramp: float, zero_buffers: bool = False
+) -> str:
     """A fio job file: the URI may carry a credential, so it goes in a file, not in argv."""
     span = image_size // row.conns
     options = [
@@ -668,6 +688,8 @@ def fio_job(row: Row, uri: str, image_size: int, runtime: float, ramp: float) ->
     ]
     if row.fsync:
         options.append(f"fsync={row.fsync}")
+    if zero_buffers:
+        options.append("zero_buffers=1")
     return "[bench]\n" + "".join(f"{o}\n" for o in options)
 
 
@@ -719,7 +741,8 @@ def measure(kind: ServerKind, row: Row, rep: int, site: Site, args: argparse.Nam
         return result
     handle = running.handle
     try:
-        _write_private(job_path, fio_job(row, running.uri, site.size, args.runtime, args.ramp_time))
+        job = fio_job(row, running.uri, site.size, args.runtime, args.ramp_time, args.zero_buffers)
+        _write_private(job_path, job)
         with CpuSampler(handle.proc.pid) as cpu:
             t_launch = time.monotonic()
             rc, err = run_fio(
@@ -980,6 +1003,12 @@ def parse_args(argv: Sequence[str] | None, kinds: dict[str, ServerKind]) -> argp
     p.add_argument(
         "--quick", action="store_true", help="smoke run: --runtime 2 --repeat 1 (unless given)"
     )
+    p.add_argument(
+        "--zero-buffers",
+        action="store_true",
+        help="fio writes zeroes (zero_buffers=1), which zero detection turns into holes; "
+        "default: fio's random data",
+    )
     p.add_argument("--list-servers", action="store_true", help="list server names and exit")
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan (servers, rows, fio jobs) and exit"
@@ -1109,7 +1138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ratio: {subject} / max({', '.join(peers)})")
     if args.dry_run:
         for row in rows:
-            job = fio_job(row, "nbd://127.0.0.1:PORT/EXPORT", args.size, args.runtime, 0)
+            job = fio_job(
+                row, "nbd://127.0.0.1:PORT/EXPORT", args.size, args.runtime, 0, args.zero_buffers
+            )
             options = [o for o in job.splitlines()[1:] if not o.startswith(("uri=", "ramp"))]
             print(f"  row {row.name:<{ROW_WIDTH}} {' '.join(options)}")
         return 0

@@ -75,7 +75,10 @@ QOS_PARAMETERS = (IOPS, BANDWIDTH)
 # StorageClass only: LUKS2 on the node (docs/csi-node.md, "Encrypted volumes"). Remembered as
 # the volume's label ENCRYPTED_LABEL and handed to NodeStage in volume_context.
 ENCRYPTED = "encrypted"
-CREATE_PARAMETERS = (*QOS_PARAMETERS, ENCRYPTED)
+# "false": the storage node writes zeroes as data (for volumes preallocated on purpose); by
+# default all-zero writes become holes (docs/storage-node.md, "Thin writes"). Creation only.
+ZERO_DETECTION = "zeroDetection"
+CREATE_PARAMETERS = (*QOS_PARAMETERS, ENCRYPTED, ZERO_DETECTION)
 # Bound of a QoS value's text: a quantity like "1.5Gi" needs few characters (millions of digits
 # made decimal arithmetic overflow); parse_quantity bounds the number to int64.
 QOS_QUANTITY_CHARS = 32
@@ -257,6 +260,15 @@ def qos_quantity(value: str, key: str) -> int:
         return parse_quantity(value, key)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def zero_detection(parameters: dict[str, str]) -> bool:
+    """The `zeroDetection` StorageClass parameter: "true" (the default) or "false"."""
+    value = parameters.get(ZERO_DETECTION, "true")
+    if value.lower() not in ("true", "false"):
+        shown = value if len(value) <= 64 else value[:61] + "..."
+        raise InvalidArgument(f'{ZERO_DETECTION} must be "true" or "false", got {shown!r}')
+    return value.lower() == "true"
 
 
 def key_list(keys: list[str]) -> str:
@@ -484,6 +496,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             raise InvalidArgument(
                 f"unknown parameters {key_list(unknown)} (known: {', '.join(CREATE_PARAMETERS)})"
             )
+        thin = zero_detection(parameters)
         # A VolumeAttributesClass's parameters take precedence over the StorageClass's
         # (csi-spec, CreateVolumeRequest.mutable_parameters).
         qos = qos_parameters({**parameters, **check_mutable(dict(request.mutable_parameters))})
@@ -500,7 +513,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if existing is not None:
                 node, volume = existing
                 self._check_same_volume(
-                    request, node, volume, access, tenant, source, capacity, qos
+                    request, node, volume, access, tenant, source, capacity, qos, thin
                 )
                 volume = await self._wait_ready(node, volume)
                 return pb.CreateVolumeResponse(
@@ -527,6 +540,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                         source=source,
                         qos=qos,
                         labels=labels,
+                        zero_detection_disabled=not thin,
                     ),
                 )
             log.info(
@@ -580,6 +594,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         source: sn.VolumeSource | None,
         capacity: pb.CapacityRange | None,
         qos: sn.Qos,
+        thin: bool = True,
     ) -> None:
         """A retried CreateVolume gets the volume it made; another request under the same
         name gets ALREADY_EXISTS (csi-spec, CreateVolume errors)."""
@@ -596,6 +611,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         encrypted = volume.labels.get(ENCRYPTED_LABEL) == "true"
         if encrypted != encrypted_parameter(request.parameters):
             differences.append("encryption" if encrypted else "no encryption")
+        if volume.zero_detection_disabled == thin:
+            differences.append(f"{ZERO_DETECTION} {str(not thin).lower()}")
         required = capacity.required_bytes if capacity is not None else 0
         limit = capacity.limit_bytes if capacity is not None else 0
         if volume.size_bytes < required or (limit and volume.size_bytes > limit):

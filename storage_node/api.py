@@ -75,6 +75,7 @@ def volume_pb(v: VolumeRow) -> pb.Volume:
         labels=v.labels,
         created_at=v.created_at,
         error=v.error,
+        zero_detection_disabled=not v.zero_detection,
     )
 
 
@@ -171,6 +172,7 @@ class ManagementServicer(pb_grpc.StorageNodeServicer):
             source,
             (request.qos.iops, request.qos.bytes_per_second),
             dict(request.labels),
+            zero_detection=not request.zero_detection_disabled,
         )
         return volume_pb(row)
 

@@ -4,7 +4,7 @@
 --workers 0): open volumes, the export registry, and the NBD server. It applies control
 operations, one JSON-able dict each:
 
-    add_volume    {volume_id, path, tenant}         open the volume's image
+    add_volume    {volume_id, path, tenant, zero_detection}  open the volume's image
     remove_volume {volume_id}                       drop its exports and connections, close it
     add_export    {name, volume_id | path, readonly, allowed_peers, listed, description}
     remove_export {name}                            and drop its live connections at once
@@ -81,7 +81,9 @@ class ProcessState:
     def _op_add_volume(self, op: Op) -> None:
         vid, tenant = op["volume_id"], op.get("tenant", "")
         if vid not in self.volumes:
-            self.volumes[vid] = FileBackend(op["path"])
+            self.volumes[vid] = FileBackend(
+                op["path"], zero_detection=op.get("zero_detection", True)
+            )
             self.stats[vid] = Stats(self.volumes[vid])
             self.qos[vid] = VolumeQos(
                 tenant,
@@ -256,14 +258,26 @@ class DataPlane:
             self._free_slots.append(slot)
 
     async def add_volume(
-        self, volume_id: str, path: str, tenant: str = "", iops: int = 0, bps: int = 0
+        self,
+        volume_id: str,
+        path: str,
+        tenant: str = "",
+        iops: int = 0,
+        bps: int = 0,
+        zero_detection: bool = True,
     ) -> None:
         """Open a volume in every NBD process, with the limits it was created with (`iops`,
-        `bps`); limits set for it since (SetVolumeQos while it was being created) win."""
+        `bps`); limits set for it since (SetVolumeQos while it was being created) win.
+        `zero_detection`: all-zero writes become holes (storage_node.backend.file)."""
         async with self._lock:
             if (iops or bps) and volume_id not in self.qos:
                 await self._set_qos(volume_id, tenant, iops, bps)
-            self.volumes[volume_id] = {"volume_id": volume_id, "path": path, "tenant": tenant}
+            self.volumes[volume_id] = {
+                "volume_id": volume_id,
+                "path": path,
+                "tenant": tenant,
+                "zero_detection": zero_detection,
+            }
             await self._broadcast({"op": "add_volume", **self.volumes[volume_id]})
 
     async def remove_volume(self, volume_id: str) -> None:

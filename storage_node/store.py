@@ -107,6 +107,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE snapshots ADD COLUMN group_id TEXT NOT NULL DEFAULT '';
     CREATE INDEX snapshots_by_group ON snapshots (group_id) WHERE group_id != ''
     """,
+    # 4: zero detection, on unless the volume was created with it off (docs/storage-node.md).
+    """
+    ALTER TABLE volumes ADD COLUMN zero_detection INTEGER NOT NULL DEFAULT 1
+    """,
 ]
 
 
@@ -134,6 +138,7 @@ class VolumeRow:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     error: str = ""
+    zero_detection: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ class TenantUsage:
 
 _VOLUME_COLUMNS = (
     "id, name, tenant, size, state, path, source_kind, source_id, qos_iops, qos_bps, labels, "
-    "created_at, error"
+    "created_at, error, zero_detection"
 )
 _SNAPSHOT_COLUMNS = "id, name, volume_id, tenant, size, path, ready, deleting, created_at, group_id"
 _IMAGE_COLUMNS = "id, name, source_path, format, path, size, ready, deleting, error, created_at"
@@ -205,6 +210,7 @@ _ATTACHMENT_COLUMNS = (
 def _volume(row: tuple[Any, ...]) -> VolumeRow:
     values = list(row)
     values[10] = json.loads(values[10])
+    values[13] = bool(values[13])
     return VolumeRow(*values)
 
 
@@ -311,7 +317,7 @@ class Store:
 
     def insert_volume(self, v: VolumeRow) -> None:
         self.db.execute(
-            f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 v.id,
                 v.name,
@@ -326,6 +332,7 @@ class Store:
                 json.dumps(v.labels, sort_keys=True),
                 v.created_at,
                 v.error,
+                int(v.zero_detection),
             ),
         )
 

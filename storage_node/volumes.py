@@ -342,6 +342,7 @@ class VolumeService:
         source: tuple[str, str] | None = None,
         qos: tuple[int, int] = (0, 0),
         labels: dict[str, str] | None = None,
+        zero_detection: bool = True,
     ) -> VolumeRow:
         check_name(name)
         check_tenant(tenant)
@@ -363,12 +364,14 @@ class VolumeService:
                     existing.size,
                     existing.source_kind,
                     existing.source_id,
-                ) == (tenant, size, kind, source_id)
+                    existing.zero_detection,
+                ) == (tenant, size, kind, source_id, zero_detection)
                 if not same:
                     raise AlreadyExists(
                         f"volume {name!r} exists with other parameters (tenant "
                         f"{existing.tenant!r}, {existing.size} bytes, source "
-                        f"{existing.source_kind or 'none'} {existing.source_id})"
+                        f"{existing.source_kind or 'none'} {existing.source_id}, zero "
+                        f"detection {'on' if existing.zero_detection else 'off'})"
                     )
                 return existing
             source_path = await self._source_path(kind, source_id, tenant, size)
@@ -386,6 +389,7 @@ class VolumeService:
                 qos_bps=qos[1],
                 labels=labels,
                 created_at=time.time(),
+                zero_detection=zero_detection,
             )
             total = await self._total_bytes()
 
@@ -553,7 +557,9 @@ class VolumeService:
 
     async def _ready(self, row: VolumeRow) -> VolumeRow:
         # With the limits it was created with: they hold from its first request.
-        await self.dataplane.add_volume(row.id, row.path, row.tenant, row.qos_iops, row.qos_bps)
+        await self.dataplane.add_volume(
+            row.id, row.path, row.tenant, row.qos_iops, row.qos_bps, row.zero_detection
+        )
         await self.store.run(lambda s: s.set_volume(row.id, state="ready"))
         return replace(row, state="ready")
 
@@ -1031,7 +1037,9 @@ class VolumeService:
                     continue
                 if path.stat().st_size < vol.size:  # an interrupted expansion
                     await self._io(os.truncate, path, vol.size)
-                await self.dataplane.add_volume(vol.id, vol.path, vol.tenant)
+                await self.dataplane.add_volume(
+                    vol.id, vol.path, vol.tenant, zero_detection=vol.zero_detection
+                )
                 if vol.qos_iops or vol.qos_bps:
                     await self.dataplane.set_qos(vol.id, vol.tenant, vol.qos_iops, vol.qos_bps)
         for tenant, lim in limits.items():

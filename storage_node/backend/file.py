@@ -10,6 +10,11 @@ While a live copy of the volume runs (a snapshot or clone without reflink,
 storage_node.files.LiveCopy), every write, trim and zero also marks the chunks it changed in
 the copy's shared dirty map (`track`), after the change is in the file and before the
 request completes: whatever the copy read before that is copied again.
+
+Zero detection (`zero_detection`, on for volumes): a WRITE whose payload is all zeroes, or the
+64 KiB-aligned zero runs inside a large WRITE, become hole punches instead of data
+(`zero_runs`; docs/storage-node.md, "Thin writes"). Reads return the same zeroes, FUA is kept
+with one fdatasync, and the whole range is marked changed for live copies like any write.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ _MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 _ZERO_CHUNK = bytes(1 << 20)
 MAX_EXTENTS = 4096
 
+# Zero detection: a WRITE of zeroes aligned to ZERO_BLOCK is punched whole; inside a WRITE of at
+# least ZERO_SCAN bytes that also holds data, runs of zeroes made of whole ZERO_RUN-aligned
+# ZERO_RUN blocks are punched and the rest written (smaller runs stay data: punching them
+# would cost a fallocate each and fragment the file for little space).
+ZERO_BLOCK = 4096
+ZERO_RUN = 64 << 10
+ZERO_SCAN = 2 * ZERO_RUN
+
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
@@ -59,6 +72,45 @@ def _try_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def is_zero(view: memoryview) -> bool:
+    """Whether every byte is zero: memcmp against a zero buffer (bytes.startswith), which
+    stops at the first byte that differs."""
+    step = len(_ZERO_CHUNK)
+    return all(_ZERO_CHUNK.startswith(view[pos : pos + step]) for pos in range(0, len(view), step))
+
+
+def zero_runs(data: memoryview, offset: int) -> list[tuple[int, int]]:
+    """The ranges [start, end) of a WRITE's payload (written at `offset`) to punch rather than
+    write, in order, or [] for a plain write. Costs two byte reads for a small payload whose
+    first or last byte is not zero (the common case), and two per ZERO_RUN block of a large
+    one; a memcmp only where both are zero."""
+    n = len(data)
+    if n < ZERO_BLOCK:
+        return []
+    if not data[0] and not data[n - 1] and not (offset | n) % ZERO_BLOCK and is_zero(data):
+        return [(0, n)]
+    if n < ZERO_SCAN:
+        return []
+    runs: list[tuple[int, int]] = []
+    pos = -offset % ZERO_RUN
+    while pos + ZERO_RUN <= n:
+        end = pos + ZERO_RUN
+        if not data[pos] and not data[end - 1] and _ZERO_CHUNK.startswith(data[pos:end]):
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((pos, end))
+        pos = end
+    return runs
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, flags: int = 0) -> None:
+    while view:
+        n = os.pwritev(fd, [view], offset, flags)
+        view = view[n:]
+        offset += n
 
 
 class DirtyMap:
@@ -98,7 +150,7 @@ def filesystem_type(fd: int) -> int:
 
 
 class FileBackend:
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
+    def __init__(self, path: str, *, readonly: bool = False, zero_detection: bool = False) -> None:
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         self.path = path
         self._fd = os.open(path, flags)
@@ -112,6 +164,7 @@ class FileBackend:
         self._nowait_reads = not self._memory
         self._can_punch = True
         self._can_zero_range = True
+        self.zero_detection = zero_detection and not readonly
         self._maps: dict[str, DirtyMap] = {}  # live copies in progress, by name
         self._maps_lock = threading.Lock()
 
@@ -192,6 +245,10 @@ class FileBackend:
                     dirty.mark(offset, length)
 
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
+        if self.zero_detection and self._can_punch:
+            runs = zero_runs(memoryview(data), offset)
+            if runs:
+                return self._write_sparse(memoryview(data), offset, fua, runs)
         flags = os.RWF_DSYNC if fua else 0
         view = memoryview(data)
         start, length = offset, len(view)
@@ -202,6 +259,23 @@ class FileBackend:
                 offset += n
         finally:
             self._changed(start, length)  # also a partial write (ENOSPC)
+
+    def _write_sparse(
+        self, view: memoryview, offset: int, fua: bool, runs: list[tuple[int, int]]
+    ) -> None:
+        """A WRITE with its zero `runs` punched instead of written (written after all where
+        the filesystem cannot punch). FUA: one fdatasync once all of it is in the file."""
+        try:
+            pos = 0
+            for start, end in [*runs, (len(view), len(view))]:
+                if start > pos:
+                    _pwrite_all(self._fd, view[pos:start], offset + pos)
+                if end > start and not self._punch(offset + start, end - start):
+                    _pwrite_all(self._fd, view[start:end], offset + start)
+                pos = end
+        finally:
+            self._changed(offset, len(view))
+        self._after_write(fua)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)

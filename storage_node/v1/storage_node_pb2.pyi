@@ -104,7 +104,7 @@ class VolumeSource(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ..., volume_id: _Optional[str] = ..., image_id: _Optional[str] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
-    __slots__ = ("name", "tenant", "size_bytes", "source", "qos", "labels")
+    __slots__ = ("name", "tenant", "size_bytes", "source", "qos", "labels", "zero_detection_disabled")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,16 +118,18 @@ class CreateVolumeRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     QOS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_DETECTION_DISABLED_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     size_bytes: int
     source: VolumeSource
     qos: Qos
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ..., qos: _Optional[_Union[Qos, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    zero_detection_disabled: bool
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ..., qos: _Optional[_Union[Qos, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., zero_detection_disabled: _Optional[bool] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("id", "name", "tenant", "size_bytes", "allocated_bytes", "state", "source", "qos", "labels", "created_at", "error")
+    __slots__ = ("id", "name", "tenant", "size_bytes", "allocated_bytes", "state", "source", "qos", "labels", "created_at", "error", "zero_detection_disabled")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class Volume(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ZERO_DETECTION_DISABLED_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tenant: str
@@ -157,7 +160,8 @@ class Volume(_message.Message):
     labels: _containers.ScalarMap[str, str]
     created_at: float
     error: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., state: _Optional[_Union[VolumeState, str]] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ..., qos: _Optional[_Union[Qos, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    zero_detection_disabled: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., state: _Optional[_Union[VolumeState, str]] = ..., source: _Optional[_Union[VolumeSource, _Mapping]] = ..., qos: _Optional[_Union[Qos, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., error: _Optional[str] = ..., zero_detection_disabled: _Optional[bool] = ...) -> None: ...
 
 class GetVolumeRequest(_message.Message):
     __slots__ = ("volume_id",)

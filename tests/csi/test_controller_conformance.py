@@ -27,8 +27,9 @@ Where the spec leaves a choice, these tests assume the following (the controller
   reverse), nor a multi-node mode for a volume created single-node.
 - Parameters: `iops` and `bandwidth` (bytes per second), both Kubernetes quantities, in
   parameters or mutable_parameters (the latter win, and count for idempotency like the
-  former); other keys are INVALID_ARGUMENT except the CO's own `csi.storage.k8s.io/*`. The
-  tenant is `csi.storage.k8s.io/pvc/namespace`, else `default`.
+  former); `zeroDetection` ("true" or "false", creation only); other keys are
+  INVALID_ARGUMENT except the CO's own `csi.storage.k8s.io/*`. The tenant is
+  `csi.storage.k8s.io/pvc/namespace`, else `default`.
 - Ids: a volume or snapshot id that is malformed or names an unknown storage node is treated
   as "does not exist": OK for Delete*, NOT_FOUND elsewhere. A node id not of the form
   NAME@ADDRESS is a node that does not exist: NOT_FOUND in ControllerPublishVolume; OK in
@@ -308,7 +309,8 @@ ERROR_CASES = [
              Code.INVALID_ARGUMENT, INVALID)
         for key, value in [("iops", "fast"), ("iops", "-1"),
                            ("bandwidth", "lots"), ("bandwidth", "-1Mi"), ("colour", "blue"),
-                           ("encrypted", "yes"), ("encrypted", "True"), ("encrypted", "")]
+                           ("encrypted", "yes"), ("encrypted", "True"), ("encrypted", ""),
+                           ("zeroDetection", "no"), ("zeroDetection", "")]
     ],
     case("mutable-parameter-iops=fast", "CreateVolume",
          lambda e: cv(mutable_parameters={"iops": "fast"}), Code.INVALID_ARGUMENT, INVALID),
@@ -317,6 +319,9 @@ ERROR_CASES = [
          Code.ALREADY_EXISTS, "Volume already exists but is incompatible (capacity_range)"),
     case("same-name-other-parameters", "CreateVolume",
          lambda e: cv(name=e.name, capacity_range=exact(MiB), parameters={"iops": "100"}),
+         Code.ALREADY_EXISTS, "Volume already exists but is incompatible (parameters)"),
+    case("same-name-other-zero-detection", "CreateVolume",
+         lambda e: cv(name=e.name, capacity_range=exact(MiB), parameters={"zeroDetection": "false"}),  # noqa: E501
          Code.ALREADY_EXISTS, "Volume already exists but is incompatible (parameters)"),
     case("same-name-other-source", "CreateVolume",
          lambda e: cv(name=e.name, capacity_range=exact(MiB), volume_content_source=from_snapshot(e.snapshot.snapshot_id)),  # noqa: E501
@@ -601,6 +606,16 @@ def test_create_volume_encrypted_parameter(pool: Pool) -> None:
         for e in pool.controller.ListVolumes(pb.ListVolumesRequest(), timeout=CALL_TIMEOUT).entries
     }
     assert listed[encrypted.volume_id].volume_context["nbd.csi.dev/encrypted"] == "true"
+
+
+def test_create_volume_zero_detection_parameter(pool: Pool) -> None:
+    """`zeroDetection: "false"` reaches the storage node; absent or "true" leaves it on
+    (docs/csi-driver.md, docs/storage-node.md "Thin writes")."""
+    off = pool.create(size=MiB, parameters={"zeroDetection": "false"})
+    assert pool.sn_volume(off.volume_id).zero_detection_disabled
+    for parameters in ({}, {"zeroDetection": "true"}):
+        on = pool.create(size=MiB, parameters=parameters)
+        assert not pool.sn_volume(on.volume_id).zero_detection_disabled
 
 
 def test_create_volume_from_snapshot(pool: Pool, existing: Existing) -> None:
