@@ -20,7 +20,6 @@ import base64
 import json
 import re
 import secrets
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ from tests.vm.guest import (  # noqa: E402
     find_kernel,
     missing_prerequisites,
 )
-from tests.vm.test_node_plugin import attachment  # noqa: E402
+from tests.vm.plugin_host import attachment, guest_python  # noqa: E402
 
 MiB = 1024 * 1024
 # name: (fio rw, block size, queue depth)
@@ -88,12 +87,7 @@ def main(argv: list[str]) -> int:
                 "rows": {name: ROWS[name] for name in args.rows},
                 "runtime": args.runtime,
             }
-            script = (
-                f"cd {shlex.quote(str(REPO))}\n"
-                f"export PYTHONPATH={shlex.quote(str(REPO))} PYTHONDONTWRITEBYTECODE=1\n"
-                f"exec {shlex.quote(sys.executable)} -u bench/luks_bench_guest.py "
-                f"{shlex.quote(json.dumps(spec))}\n"
-            )
+            script = guest_python("bench/luks_bench_guest.py", spec)
             result = image.run(
                 script,
                 work / "guest",

@@ -11,12 +11,10 @@ import sys
 
 from tests.vm.node_plugin_guest import (
     METRICS,
-    SOCKET,
-    STATE,
-    Plugin,
     block_cap,
     check,
     fail,
+    node_plugin,
     publish,
     say,
     unpublish,
@@ -52,17 +50,8 @@ def fio(path: str, rw: str, bs: str, depth: int, runtime: int) -> tuple[int, int
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    plugin = Plugin(
-        sys.executable,
-        [
-            "--mode=node",
-            f"--endpoint=unix://{SOCKET}",
-            "--node-id=vm-node",
-            "--node-address=127.0.0.1",
-            f"--state-dir={STATE}",
-            f"--metrics-listen={METRICS}",
-            "--nbd-connections=2",
-        ],
+    plugin = node_plugin(
+        f"--metrics-listen={METRICS}",
     )
     plugin.start()
     volumes = {

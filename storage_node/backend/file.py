@@ -97,7 +97,7 @@ def zero_runs(data: memoryview, offset: int) -> list[tuple[int, int]]:
     pos = -offset % ZERO_RUN
     while pos + ZERO_RUN <= n:
         end = pos + ZERO_RUN
-        if not data[pos] and not data[end - 1] and _ZERO_CHUNK.startswith(data[pos:end]):
+        if not data[pos] and not data[end - 1] and is_zero(data[pos:end]):
             if runs and runs[-1][1] == pos:
                 runs[-1] = (runs[-1][0], end)
             else:
@@ -245,20 +245,15 @@ class FileBackend:
                     dirty.mark(offset, length)
 
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
-        if self.zero_detection and self._can_punch:
-            runs = zero_runs(memoryview(data), offset)
-            if runs:
-                return self._write_sparse(memoryview(data), offset, fua, runs)
-        flags = os.RWF_DSYNC if fua else 0
         view = memoryview(data)
-        start, length = offset, len(view)
+        if self.zero_detection and self._can_punch:
+            runs = zero_runs(view, offset)
+            if runs:
+                return self._write_sparse(view, offset, fua, runs)
         try:
-            while view:
-                n = os.pwritev(self._fd, [view], offset, flags)
-                view = view[n:]
-                offset += n
+            _pwrite_all(self._fd, view, offset, os.RWF_DSYNC if fua else 0)
         finally:
-            self._changed(start, length)  # also a partial write (ENOSPC)
+            self._changed(offset, len(view))  # also a partial write (ENOSPC)
 
     def _write_sparse(
         self, view: memoryview, offset: int, fua: bool, runs: list[tuple[int, int]]

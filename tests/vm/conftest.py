@@ -1,4 +1,5 @@
-"""Fixtures for the VM tests: the guest image (built once per session) and the NBD server.
+"""Fixtures for the VM tests: the guest images (built once per session), the NBD server, and
+the storage node that the node-plugin guests use.
 
 Owns: skipping the whole directory cleanly when qemu-system-x86_64, the Debian kernel or the
 guest tools are missing; choosing the server under test from NBD_VM_SERVER:
@@ -19,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.api import ApiNode, start_api_node
 from tests.support.servers import ServerHandle, start_qemu_nbd, start_storage_node
-from tests.vm.guest import GuestImage, build_initramfs, find_kernel, missing_prerequisites
+from tests.vm.guest import (
+    GuestImage,
+    build_hostroot_initramfs,
+    build_initramfs,
+    find_kernel,
+    missing_prerequisites,
+)
 
 EXPORT = "vm-disk"
 EXPORT_SIZE = 64 * 1024 * 1024
@@ -35,6 +43,23 @@ def guest_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
     kernel = find_kernel()
     cache = tmp_path_factory.mktemp("vm-initramfs")
     return GuestImage(kernel, build_initramfs(cache, kernel))
+
+
+@pytest.fixture(scope="session")
+def hostroot_image(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
+    """The image whose guests run the host's own tree (the node plugin tests)."""
+    cache = tmp_path_factory.mktemp("vm-hostroot")
+    return GuestImage(guest_image.kernel, build_hostroot_initramfs(cache, guest_image.kernel))
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[ApiNode]:
+    """A storage node with its management API, for volumes the guest's node plugin stages."""
+    node = start_api_node(tmp_path / "storage", workers=0, node_id="storage-vm")
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 @dataclass

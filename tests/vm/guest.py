@@ -21,7 +21,8 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,8 @@ HOSTROOT_MODULES = (
 )
 HOSTROOT_INIT_SCRIPT = Path(__file__).with_name("guest_init_hostroot.sh")
 EXIT_MARKER = re.compile(r"^NBDCSI-GUEST-EXIT rc=(\d+)\s*$", re.MULTILINE)
+# What a guest script asks of the host while it runs (see GuestImage.run_following).
+REQUEST = re.compile(r"^NBDCSI-REQUEST (\S+)\s*$", re.MULTILINE)
 # fw_cfg names live under opt/ and must be unique to the project (QEMU docs, "fw_cfg").
 FW_CFG_PREFIX = "opt/nbdcsi/"
 
@@ -379,6 +382,47 @@ class GuestImage:
             qemu_returncode=proc.returncode,
         )
 
+    def run_following(
+        self,
+        script: str,
+        workdir: Path,
+        handlers: Mapping[str, Callable[[], object]],
+        *,
+        nbd_port: int | None = None,
+        memory_mb: int = 384,
+        timeout: float = 180.0,
+        host_root: bool = False,
+    ) -> tuple[GuestResult, list[str]]:
+        """`run`, acting on the `NBDCSI-REQUEST WHAT` lines the guest prints while it runs:
+        handlers[WHAT]() once per line, in the order printed (a guest waits for the host's
+        answer through its own means, e.g. an NBD size change). Returns the result and the
+        requests handled; an unknown request fails the caller."""
+        done = threading.Event()
+        outcome: list[GuestResult] = []
+
+        def boot() -> None:
+            try:
+                outcome.append(
+                    self.run(
+                        script,
+                        workdir,
+                        nbd_port=nbd_port,
+                        memory_mb=memory_mb,
+                        timeout=timeout,
+                        host_root=host_root,
+                    )
+                )
+            finally:
+                done.set()
+
+        runner = threading.Thread(target=boot)
+        runner.start()
+        try:
+            handled = follow(workdir / "console.log", done, handlers)
+        finally:
+            runner.join()
+        return outcome[0], handled
+
     def qemu_argv(
         self,
         cmd_file: Path,
@@ -440,6 +484,21 @@ class GuestImage:
                 f"virtio-blk-pci,drive=file{i},serial={name}",
             ]
         return argv
+
+
+def follow(
+    console: Path, done: threading.Event, handlers: Mapping[str, Callable[[], object]]
+) -> list[str]:
+    """Act on each NBDCSI-REQUEST the guest prints, once, until the guest is done."""
+    handled: list[str] = []
+    while not done.wait(0.1):
+        text = console.read_text(errors="replace") if console.exists() else ""
+        for what in REQUEST.findall(text)[len(handled) :]:
+            handled.append(what)
+            action = handlers.get(what)
+            assert action is not None, f"guest asked for unknown {what!r}"
+            action()
+    return handled
 
 
 def guestfwd_command(nbd_port: int, log: Path | None = None) -> str:

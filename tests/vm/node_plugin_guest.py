@@ -114,6 +114,23 @@ class Plugin:
         return self.proc.wait(60)
 
 
+def node_plugin(*extra: str) -> Plugin:
+    """The node plugin as the DaemonSet runs it, on the guest's socket and state directory,
+    with two NBD connections per device; `extra` adds options."""
+    return Plugin(
+        sys.executable,
+        [
+            "--mode=node",
+            f"--endpoint=unix://{SOCKET}",
+            "--node-id=vm-node",
+            "--node-address=127.0.0.1",
+            f"--state-dir={STATE}",
+            "--nbd-connections=2",
+            *extra,
+        ],
+    )
+
+
 def block_cap() -> pb.VolumeCapability:
     return pb.VolumeCapability(
         block=pb.VolumeCapability.BlockVolume(),
@@ -224,21 +241,11 @@ def regions(seed: int, size: int) -> list[tuple[int, bytes]]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    python = sys.executable
     a, b, c = spec["block"], spec["fs"], spec["cycle"]
-    plugin = Plugin(
-        python,
-        [
-            "--mode=node",
-            f"--endpoint=unix://{SOCKET}",
-            "--node-id=vm-node",
-            "--node-address=127.0.0.1",
-            f"--state-dir={STATE}",
-            f"--metrics-listen={METRICS}",
-            "--nbd-connections=2",
-            f"--nbd-io-timeout={spec['io_timeout']}",
-            "--nbd-dead-timeout=90",
-        ],
+    plugin = node_plugin(
+        f"--metrics-listen={METRICS}",
+        f"--nbd-io-timeout={spec['io_timeout']}",
+        "--nbd-dead-timeout=90",
     )
     say("RESULT", "plugin_start_seconds", f"{plugin.start():.1f}")
     step("plugin-up")

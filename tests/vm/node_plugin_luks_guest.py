@@ -29,7 +29,6 @@ from csi.v1 import csi_pb2 as pb
 from tests.vm.node_plugin_guest import (
     METRICS,
     PLUGIN_LOG,
-    SOCKET,
     STATE,
     Plugin,
     block_cap,
@@ -38,6 +37,7 @@ from tests.vm.node_plugin_guest import (
     fail,
     metric,
     mount_cap,
+    node_plugin,
     poll,
     publish,
     say,
@@ -127,19 +127,10 @@ def main() -> None:
     marker = spec["marker"].encode()
     pattern = marker * (MiB // len(marker))
     offsets = [0, 5 * MiB, a["size"] - 4 * MiB]  # offsets in the plaintext device
-    plugin = Plugin(
-        sys.executable,
-        [
-            "--mode=node",
-            f"--endpoint=unix://{SOCKET}",
-            "--node-id=vm-node",
-            "--node-address=127.0.0.1",
-            f"--state-dir={STATE}",
-            f"--metrics-listen={METRICS}",
-            "--nbd-connections=2",
-            f"--nbd-io-timeout={spec['io_timeout']}",
-            "--nbd-dead-timeout=90",
-        ],
+    plugin = node_plugin(
+        f"--metrics-listen={METRICS}",
+        f"--nbd-io-timeout={spec['io_timeout']}",
+        "--nbd-dead-timeout=90",
     )
     plugin.start()
     step("plugin-up")

@@ -20,96 +20,24 @@ guest's connections reach the storage node through QEMU's guestfwd, from 127.0.0
 
 from __future__ import annotations
 
-import json
-import re
-import shlex
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csi.attach import CTX_EXPORT, CTX_HOST, CTX_PORT, CTX_READONLY
 from storage_node.v1 import storage_node_pb2 as spb
-from tests.support.api import ApiNode, start_api_node
-from tests.vm.guest import (
-    GUEST_NBD_ADDR,
-    GUEST_NBD_PORT,
-    GuestImage,
-    GuestResult,
-    build_hostroot_initramfs,
-)
+from tests.support.api import ApiNode
+from tests.vm.guest import GUEST_NBD_PORT, GuestImage
+from tests.vm.plugin_host import IO_TIMEOUT, attachment, guest_python, results
 
 pytestmark = pytest.mark.vm
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 BLOCK_SIZE = 64 * MiB
 FS_SIZE, FS_GROWN = 64 * MiB, 96 * MiB
 CYCLES = 200
 SEED = 4242
-# Requests in flight when a connection breaks are sent again after this many seconds: it
-# bounds the longest I/O the VM sees across a storage node restart (docs/csi-node.md).
-IO_TIMEOUT = 4
-REQUEST = re.compile(r"^NBDCSI-REQUEST (\S+)\s*$", re.MULTILINE)
-
-
-@pytest.fixture(scope="module")
-def hostroot_image(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
-    cache = tmp_path_factory.mktemp("vm-hostroot")
-    return GuestImage(guest_image.kernel, build_hostroot_initramfs(cache, guest_image.kernel))
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[ApiNode]:
-    node = start_api_node(tmp_path / "storage", workers=0, node_id="storage-vm")
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-def attachment(storage: ApiNode, name: str, size: int) -> dict[str, object]:
-    """What ControllerPublishVolume will put in publish_context, seen from the guest."""
-    api = storage.api
-    volume = api.wait_volume(api.create_volume(name, size).id)
-    att = api.publish(volume.id, "vm-node", "127.0.0.1")
-    assert att.nbd_port == storage.nbd_port
-    return {
-        "id": f"storage-vm:{volume.id}",
-        "backend": volume.id,
-        "size": size,
-        "uri": att.uri,
-        "context": {
-            CTX_HOST: GUEST_NBD_ADDR,
-            CTX_PORT: str(GUEST_NBD_PORT),
-            CTX_EXPORT: att.export_name,
-            CTX_READONLY: "false",
-        },
-    }
-
-
-def follow(console: Path, done: threading.Event, handle: dict[str, object]) -> list[str]:
-    """Act on each NBDCSI-REQUEST the guest prints, once, until the guest is done."""
-    handled: list[str] = []
-    while not done.wait(0.1):
-        text = console.read_text(errors="replace") if console.exists() else ""
-        for what in REQUEST.findall(text)[len(handled) :]:
-            handled.append(what)
-            action = handle.get(what)
-            assert callable(action), f"guest asked for unknown {what!r}"
-            action()
-    return handled
-
-
-def results(result: GuestResult) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for m in re.finditer(r"^RESULT (\S+) ?(.*?)\s*$", result.output, re.MULTILINE):
-        found[m.group(1)] = m.group(2)
-    return found
 
 
 def test_node_plugin_on_kernel_nbd(
@@ -128,12 +56,7 @@ def test_node_plugin_on_kernel_nbd(
         "io_timeout": IO_TIMEOUT,
         "nbd_port": GUEST_NBD_PORT,
     }
-    script = (
-        f"cd {shlex.quote(str(REPO))}\n"
-        f"export PYTHONPATH={shlex.quote(str(REPO))} PYTHONDONTWRITEBYTECODE=1\n"
-        f"exec {shlex.quote(sys.executable)} -u tests/vm/node_plugin_guest.py "
-        f"{shlex.quote(json.dumps(spec))}\n"
-    )
+    script = guest_python("tests/vm/node_plugin_guest.py", spec)
     restarts: list[float] = []
 
     def expand() -> None:
@@ -153,36 +76,15 @@ def test_node_plugin_on_kernel_nbd(
         storage.start()
         restarts.append(time.monotonic() - t)
 
-    workdir = tmp_path / "guest"
-    done = threading.Event()
-    outcome: list[GuestResult] = []
-
-    def boot() -> None:
-        try:
-            outcome.append(
-                hostroot_image.run(
-                    script,
-                    workdir,
-                    nbd_port=storage.nbd_port,
-                    memory_mb=1024,
-                    timeout=420,
-                    host_root=True,
-                )
-            )
-        finally:
-            done.set()
-
-    runner = threading.Thread(target=boot)
-    runner.start()
-    try:
-        handled = follow(
-            workdir / "console.log",
-            done,
-            {"expand": expand, "restart-storage": restart_storage, "crash-storage": crash_storage},
-        )
-    finally:
-        runner.join()
-    result = outcome[0]
+    result, handled = hostroot_image.run_following(
+        script,
+        tmp_path / "guest",
+        {"expand": expand, "restart-storage": restart_storage, "crash-storage": crash_storage},
+        nbd_port=storage.nbd_port,
+        memory_mb=1024,
+        timeout=420,
+        host_root=True,
+    )
     got = results(result)
     print(
         f"\nnode plugin in the VM: plugin start {got.get('plugin_start_seconds')}s, restart "

@@ -14,11 +14,7 @@ key rotation.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
-import shlex
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,16 +22,8 @@ import pytest
 from csi import luks
 from storage_node.v1 import storage_node_pb2 as spb
 from tests.support.api import ApiNode
-from tests.vm.guest import GuestImage, GuestResult
-from tests.vm.test_node_plugin import (  # noqa: F401
-    IO_TIMEOUT,
-    REPO,
-    attachment,
-    follow,
-    hostroot_image,
-    results,
-    storage,
-)
+from tests.vm.guest import GuestImage
+from tests.vm.plugin_host import IO_TIMEOUT, attachment, guest_python, results
 
 pytestmark = pytest.mark.vm
 
@@ -66,9 +54,7 @@ def image_of(node: ApiNode, backend: str) -> Path:
 
 
 def test_encrypted_volumes_in_the_vm(
-    hostroot_image: GuestImage,  # noqa: F811
-    storage: ApiNode,  # noqa: F811
-    tmp_path: Path,
+    hostroot_image: GuestImage, storage: ApiNode, tmp_path: Path
 ) -> None:
     block = attachment(storage, "vm-luks-block", SIZE)
     fs = attachment(storage, "vm-luks-ext4", SIZE)
@@ -92,12 +78,7 @@ def test_encrypted_volumes_in_the_vm(
         "marker": marker,
         "io_timeout": IO_TIMEOUT,
     }
-    script = (
-        f"cd {shlex.quote(str(REPO))}\n"
-        f"export PYTHONPATH={shlex.quote(str(REPO))} PYTHONDONTWRITEBYTECODE=1\n"
-        f"exec {shlex.quote(sys.executable)} -u tests/vm/node_plugin_luks_guest.py "
-        f"{shlex.quote(json.dumps(spec))}\n"
-    )
+    script = guest_python("tests/vm/node_plugin_luks_guest.py", spec)
 
     def expand() -> None:
         for vol in (block, fs):
@@ -109,36 +90,15 @@ def test_encrypted_volumes_in_the_vm(
         storage.stop()
         storage.start()
 
-    workdir = tmp_path / "guest"
-    done = threading.Event()
-    outcome: list[GuestResult] = []
-
-    def boot() -> None:
-        try:
-            outcome.append(
-                hostroot_image.run(
-                    script,
-                    workdir,
-                    nbd_port=storage.nbd_port,
-                    memory_mb=1024,
-                    timeout=480,
-                    host_root=True,
-                )
-            )
-        finally:
-            done.set()
-
-    runner = threading.Thread(target=boot)
-    runner.start()
-    try:
-        handled = follow(
-            workdir / "console.log",
-            done,
-            {"expand": expand, "restart-storage": restart_storage},
-        )
-    finally:
-        runner.join()
-    result = outcome[0]
+    result, handled = hostroot_image.run_following(
+        script,
+        tmp_path / "guest",
+        {"expand": expand, "restart-storage": restart_storage},
+        nbd_port=storage.nbd_port,
+        memory_mb=1024,
+        timeout=480,
+        host_root=True,
+    )
     got = results(result)
     print(f"\nencrypted volumes in the VM: {got.get('seconds')}s in the guest")
     assert not result.timed_out, result.explain(120)

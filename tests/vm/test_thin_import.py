@@ -11,44 +11,25 @@ the image after the copy; the host reads each volume back with qemu-img compare.
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csi.attach import CTX_EXPORT, CTX_HOST, CTX_PORT, CTX_READONLY
 from storage_node.v1 import storage_node_pb2 as spb
-from tests.support.api import ApiNode, start_api_node
+from tests.support.api import ApiNode
 from tests.support.images import sparse_raw
-from tests.vm.guest import GUEST_NBD_ADDR, GUEST_NBD_PORT, GuestImage, build_hostroot_initramfs
+from tests.vm.guest import GUEST_NBD_ADDR, GUEST_NBD_PORT, GuestImage
+from tests.vm.plugin_host import guest_python
 
 pytestmark = pytest.mark.vm
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 # (name, copy tool, zero detection off)
 VOLUMES = [("dd", "dd", False), ("qemuimg", "qemu-img", False), ("ddoff", "dd", True)]
-
-
-@pytest.fixture(scope="module")
-def hostroot_image(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
-    cache = tmp_path_factory.mktemp("vm-hostroot")
-    return GuestImage(guest_image.kernel, build_hostroot_initramfs(cache, guest_image.kernel))
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[ApiNode]:
-    node = start_api_node(tmp_path / "storage", workers=0, node_id="storage-vm")
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 def test_sparse_image_copied_through_the_node_plugin_device_stays_thin(
@@ -81,12 +62,7 @@ def test_sparse_image_copied_through_the_node_plugin_device_stays_thin(
             }
         )
     spec = {"source": str(source), "size": SIZE, "volumes": volumes}
-    script = (
-        f"cd {shlex.quote(str(REPO))}\n"
-        f"export PYTHONPATH={shlex.quote(str(REPO))} PYTHONDONTWRITEBYTECODE=1\n"
-        f"exec {shlex.quote(sys.executable)} -u tests/vm/thin_import_guest.py "
-        f"{shlex.quote(json.dumps(spec))}\n"
-    )
+    script = guest_python("tests/vm/thin_import_guest.py", spec)
     result = hostroot_image.run(
         script,
         tmp_path / "guest",

@@ -17,13 +17,11 @@ import sys
 import time
 
 from tests.vm.node_plugin_guest import (
-    SOCKET,
-    STATE,
-    Plugin,
     block_cap,
     check,
     fail,
     nbd_of,
+    node_plugin,
     publish,
     say,
     stage,
@@ -45,17 +43,7 @@ COPY = {
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    plugin = Plugin(
-        sys.executable,
-        [
-            "--mode=node",
-            f"--endpoint=unix://{SOCKET}",
-            "--node-id=vm-node",
-            "--node-address=127.0.0.1",
-            f"--state-dir={STATE}",
-            "--nbd-connections=2",
-        ],
-    )
+    plugin = node_plugin()
     plugin.start()
     step("plugin-up")
     for i, vol in enumerate(spec["volumes"]):
